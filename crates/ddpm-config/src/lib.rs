@@ -1,0 +1,83 @@
+//! Typed configuration for DDPM-RS.
+//!
+//! Every TOML key the system understands is a field of [`Config`]. Unknown keys are
+//! rejected (with the key's name), missing sections take the defaults documented in
+//! `configs/README.md`, and [`Config::validate`] checks every value and names the key at
+//! fault. This crate has no tensor or async dependencies so every binary can use it.
+
+mod types;
+mod validate;
+
+pub use types::*;
+
+use std::path::Path;
+
+/// Errors produced while reading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: String,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (unknown key, wrong type).
+    #[error("invalid config {origin}: {message}")]
+    Parse {
+        /// File path, or `<string>` when parsed from memory.
+        origin: String,
+        /// The parser's message, which names the key and the line.
+        message: String,
+    },
+    /// A value parsed but is not allowed.
+    #[error("invalid config {origin}: key `{key}`: {reason}")]
+    Invalid {
+        /// File path, or `<string>`.
+        origin: String,
+        /// Dotted key, e.g. `model.ch_mult`.
+        key: String,
+        /// What was expected.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a TOML configuration file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|(key, reason)| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// Serialises the resolved configuration (defaults filled in) as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Serialises the resolved configuration as JSON (for manifests).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests;

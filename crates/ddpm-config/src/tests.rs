@@ -1,0 +1,73 @@
+use super::*;
+
+#[test]
+fn empty_config_resolves_to_paper_cifar10_defaults() {
+    let c = Config::parse("", "<string>").unwrap();
+    assert_eq!(c.model.ch, 128);
+    assert_eq!(c.model.ch_mult, vec![1, 2, 2, 2]);
+    assert_eq!(c.diffusion.num_timesteps, 1000);
+    assert_eq!(c.diffusion.beta_start, 1e-4);
+    assert_eq!(c.diffusion.beta_end, 0.02);
+    assert_eq!(c.train.lr, 2e-4);
+    assert_eq!(c.train.ema_decay, 0.9999);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = Config::parse("[model]\nchannels = 3\n", "x.toml").unwrap_err().to_string();
+    assert!(err.contains("channels"), "{err}");
+    assert!(err.contains("x.toml"), "{err}");
+    let err = Config::parse("[modle]\nch = 3\n", "x.toml").unwrap_err().to_string();
+    assert!(err.contains("modle"), "{err}");
+}
+
+#[test]
+fn invalid_values_name_their_key() {
+    let cases = [
+        ("[model]\nch = 100\n", "model.ch"),
+        ("[model]\nch_mult = []\n", "model.ch_mult"),
+        ("[model]\nattn_resolutions = [12]\n", "model.attn_resolutions"),
+        ("[data]\nresolution = 36\n", "data.resolution"),
+        ("[data]\nchannels = 2\n", "data.channels"),
+        ("[data]\nsource = \"nocolon\"\n", "data.source"),
+        ("[diffusion]\nbeta_end = 1.5\n", "diffusion.beta_end"),
+        ("[diffusion]\nmodel_var_type = \"learned\"\n", "diffusion.loss_type"),
+        ("[train]\nlr = -1.0\n", "train.lr"),
+        ("[train]\nema_decay = 1.0\n", "train.ema_decay"),
+        ("[sample]\nsteps = 0\n", "sample.steps"),
+        ("[run]\nname = \"../x\"\n", "run.name"),
+    ];
+    for (text, key) in cases {
+        match Config::parse(text, "c.toml") {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "for {text:?}"),
+            other => panic!("{text:?}: expected Invalid({key}), got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_enum_value_is_a_parse_error_naming_the_value() {
+    let err = Config::parse("[diffusion]\nloss_type = \"l1\"\n", "c.toml").unwrap_err().to_string();
+    assert!(err.contains("l1") && err.contains("loss_type"), "{err}");
+}
+
+#[test]
+fn resolved_config_round_trips_through_toml() {
+    let c = Config::parse("[model]\nch = 64\n[diffusion]\nloss_type = \"kl\"\nmodel_var_type = \"learned\"\n", "c").unwrap();
+    let again = Config::parse(&c.to_toml(), "again").unwrap();
+    assert_eq!(c, again);
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            Config::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 6, "expected the six shipped configs, found {n}");
+}

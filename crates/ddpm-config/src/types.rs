@@ -1,0 +1,279 @@
+//! The configuration schema. Defaults are the paper's CIFAR-10 settings (Appendix B).
+
+use serde::{Deserialize, Serialize};
+
+/// A complete, resolved configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Run identity and seed.
+    pub run: RunConfig,
+    /// Training data and preprocessing.
+    pub data: DataConfig,
+    /// U-Net architecture.
+    pub model: ModelConfig,
+    /// Forward process and training objective.
+    pub diffusion: DiffusionConfig,
+    /// Optimisation.
+    pub train: TrainConfig,
+    /// Sampling defaults.
+    pub sample: SampleConfig,
+}
+
+/// `[run]`: identity of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name; used in output paths. Letters, digits, `-`, `_`, `.` only.
+    pub name: String,
+    /// Seed for parameter init, data order, noise and timesteps.
+    pub seed: u64,
+    /// Directory (single-process trainer) where snapshots and sample grids go.
+    pub out_dir: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "ddpm".into(),
+            seed: 0,
+            out_dir: "runs".into(),
+        }
+    }
+}
+
+/// `[data]`: where examples come from and how they are preprocessed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `KIND:PATH`, e.g. `idx:.data/train-images-idx3-ubyte.gz`, `cifar10:DIR`,
+    /// `lsun:LMDB_DIR`, `folder:DIR`.
+    pub source: String,
+    /// Side length of the square training images.
+    pub resolution: i64,
+    /// Image channels (3 for RGB, 1 for grey).
+    pub channels: i64,
+    /// Zero-pad (in [-1,1] space: pad with -1, i.e. black) this many pixels on each side
+    /// before use; Fashion-MNIST 28x28 + 2 = 32x32.
+    pub pad: i64,
+    /// Random horizontal flips with p = 0.5.
+    pub random_flip: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: String::new(),
+            resolution: 32,
+            channels: 3,
+            pad: 0,
+            random_flip: true,
+        }
+    }
+}
+
+/// `[model]`: the paper's U-Net hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Base channel count.
+    pub ch: i64,
+    /// Channel multiplier per resolution level.
+    pub ch_mult: Vec<i64>,
+    /// Residual blocks per level (the up path has one more).
+    pub num_res_blocks: i64,
+    /// Resolutions (side lengths) at which self-attention is used.
+    pub attn_resolutions: Vec<i64>,
+    /// Dropout probability inside residual blocks.
+    pub dropout: f64,
+    /// Learned 3x3 convolutions in down/up-sampling (else average pool / nearest only).
+    pub resamp_with_conv: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            ch: 128,
+            ch_mult: vec![1, 2, 2, 2],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16],
+            dropout: 0.1,
+            resamp_with_conv: true,
+        }
+    }
+}
+
+/// Noise schedule family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Linear betas from `beta_start` to `beta_end` (the paper).
+    Linear,
+    /// Cosine alpha-bar schedule (Nichol & Dhariwal 2021).
+    Cosine,
+}
+
+/// What the network predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeanType {
+    /// The noise epsilon (the paper's choice).
+    Eps,
+    /// x_0 directly.
+    Xstart,
+    /// The posterior mean mu-tilde (x_{t-1}).
+    Xprev,
+}
+
+/// Reverse-process variance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VarType {
+    /// sigma_t^2 = beta_t.
+    Fixedlarge,
+    /// sigma_t^2 = beta-tilde_t (the posterior variance).
+    Fixedsmall,
+    /// The network outputs log sigma_t^2 (doubles output channels).
+    Learned,
+}
+
+/// Training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Mean squared error on the parameterised target (L_simple for eps).
+    Mse,
+    /// The true variational bound term L_{t} (KL, or decoder NLL at t = 0), in bits/dim.
+    Kl,
+}
+
+/// `[diffusion]`: the forward process and the objective (the paper's Table 2 rows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionConfig {
+    /// `linear` or `cosine`.
+    pub schedule: ScheduleKind,
+    /// First beta of the linear schedule.
+    pub beta_start: f64,
+    /// Last beta of the linear schedule.
+    pub beta_end: f64,
+    /// Number of diffusion steps T.
+    pub num_timesteps: i64,
+    /// `eps`, `xstart` or `xprev`.
+    pub model_mean_type: MeanType,
+    /// `fixedlarge`, `fixedsmall` or `learned`.
+    pub model_var_type: VarType,
+    /// `mse` or `kl`.
+    pub loss_type: LossKind,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self {
+            schedule: ScheduleKind::Linear,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+            num_timesteps: 1000,
+            model_mean_type: MeanType::Eps,
+            model_var_type: VarType::Fixedlarge,
+            loss_type: LossKind::Mse,
+        }
+    }
+}
+
+/// `[train]`: optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Global batch size.
+    pub batch_size: i64,
+    /// Adam learning rate after warmup.
+    pub lr: f64,
+    /// Adam beta1.
+    pub adam_beta1: f64,
+    /// Adam beta2.
+    pub adam_beta2: f64,
+    /// Adam epsilon.
+    pub adam_eps: f64,
+    /// Linear learning-rate warmup steps.
+    pub warmup_steps: i64,
+    /// Global gradient-norm clip (0 disables).
+    pub grad_clip: f64,
+    /// EMA decay of the weights used for sampling.
+    pub ema_decay: f64,
+    /// Number of optimisation steps.
+    pub total_steps: i64,
+    /// Log the loss every this many steps.
+    pub log_every: i64,
+    /// Write a weight snapshot every this many steps (0: only at the end).
+    pub snapshot_every: i64,
+    /// Intra-op CPU threads (0: libtorch's default).
+    pub threads: i64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 128,
+            lr: 2e-4,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            warmup_steps: 5000,
+            grad_clip: 1.0,
+            ema_decay: 0.9999,
+            total_steps: 800_000,
+            log_every: 100,
+            snapshot_every: 0,
+            threads: 0,
+        }
+    }
+}
+
+/// Sampler family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    /// Ancestral sampling, the paper's Algorithm 2 (T steps).
+    Ddpm,
+    /// DDIM (Song et al. 2021) with `steps` and `eta`.
+    Ddim,
+}
+
+/// `[sample]`: defaults for sampling (CLI flags override them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    /// `ddpm` or `ddim`.
+    pub sampler: SamplerKind,
+    /// DDIM steps S (ignored by `ddpm`, which always takes T steps).
+    pub steps: i64,
+    /// DDIM eta (0 = deterministic).
+    pub eta: f64,
+    /// Clip predicted x_0 to [-1, 1] at every step.
+    pub clip_denoised: bool,
+    /// Images per batch when sampling.
+    pub batch_size: i64,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            sampler: SamplerKind::Ddpm,
+            steps: 100,
+            eta: 0.0,
+            clip_denoised: true,
+            batch_size: 64,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Output channels of the network for `channels` image channels and `var`.
+    pub fn out_channels(channels: i64, var: VarType) -> i64 {
+        match var {
+            VarType::Learned => 2 * channels,
+            _ => channels,
+        }
+    }
+}

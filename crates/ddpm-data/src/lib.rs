@@ -1,0 +1,40 @@
+//! Datasets for DDPM-RS. This first version reads IDX files (MNIST / Fashion-MNIST) and
+//! turns them into training tensors; deterministic epoch plans decide the sample order.
+
+pub mod epoch;
+pub mod idx;
+pub mod source;
+
+pub use source::{ImageSet, open_source};
+
+/// Errors raised while reading datasets.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not in the expected format.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What was expected and what was found.
+        reason: String,
+    },
+    /// A `data.source` value that cannot be used.
+    #[error("data.source {source_spec:?}: {reason}")]
+    Source {
+        /// The configured source.
+        source_spec: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
