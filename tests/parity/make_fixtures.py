@@ -356,6 +356,9 @@ def make_ddpm_step():
                 d[f"{key}_noise"] = noise
                 d[f"{key}_prev"] = prev
                 d[f"{key}_pred_x0"] = x0
+                # The official float64 formulas on the same inputs: diffusers' float32
+                # coefficients lose precision at small t (1 - alphas_cumprod cancels).
+                d[f"{key}_prev_f64"] = prevd
                 print(f"  ddpm {key}: noise check OK; |diffusers f32 - official f64| max={err:.2e}")
     save(d, "ddpm_step.safetensors")
 

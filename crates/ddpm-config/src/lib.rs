@@ -60,11 +60,13 @@ impl Config {
             origin: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate().map_err(|(key, reason)| ConfigError::Invalid {
-            origin: origin.to_string(),
-            key,
-            reason,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid {
+                origin: origin.to_string(),
+                key,
+                reason,
+            })?;
         Ok(config)
     }
 

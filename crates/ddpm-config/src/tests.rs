@@ -14,10 +14,14 @@ fn empty_config_resolves_to_paper_cifar10_defaults() {
 
 #[test]
 fn unknown_key_is_named() {
-    let err = Config::parse("[model]\nchannels = 3\n", "x.toml").unwrap_err().to_string();
+    let err = Config::parse("[model]\nchannels = 3\n", "x.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("channels"), "{err}");
     assert!(err.contains("x.toml"), "{err}");
-    let err = Config::parse("[modle]\nch = 3\n", "x.toml").unwrap_err().to_string();
+    let err = Config::parse("[modle]\nch = 3\n", "x.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("modle"), "{err}");
 }
 
@@ -26,12 +30,18 @@ fn invalid_values_name_their_key() {
     let cases = [
         ("[model]\nch = 100\n", "model.ch"),
         ("[model]\nch_mult = []\n", "model.ch_mult"),
-        ("[model]\nattn_resolutions = [12]\n", "model.attn_resolutions"),
+        (
+            "[model]\nattn_resolutions = [12]\n",
+            "model.attn_resolutions",
+        ),
         ("[data]\nresolution = 36\n", "data.resolution"),
         ("[data]\nchannels = 2\n", "data.channels"),
         ("[data]\nsource = \"nocolon\"\n", "data.source"),
         ("[diffusion]\nbeta_end = 1.5\n", "diffusion.beta_end"),
-        ("[diffusion]\nmodel_var_type = \"learned\"\n", "diffusion.loss_type"),
+        (
+            "[diffusion]\nmodel_var_type = \"learned\"\n",
+            "diffusion.loss_type",
+        ),
         ("[train]\nlr = -1.0\n", "train.lr"),
         ("[train]\nema_decay = 1.0\n", "train.ema_decay"),
         ("[sample]\nsteps = 0\n", "sample.steps"),
@@ -47,13 +57,19 @@ fn invalid_values_name_their_key() {
 
 #[test]
 fn bad_enum_value_is_a_parse_error_naming_the_value() {
-    let err = Config::parse("[diffusion]\nloss_type = \"l1\"\n", "c.toml").unwrap_err().to_string();
+    let err = Config::parse("[diffusion]\nloss_type = \"l1\"\n", "c.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("l1") && err.contains("loss_type"), "{err}");
 }
 
 #[test]
 fn resolved_config_round_trips_through_toml() {
-    let c = Config::parse("[model]\nch = 64\n[diffusion]\nloss_type = \"kl\"\nmodel_var_type = \"learned\"\n", "c").unwrap();
+    let c = Config::parse(
+        "[model]\nch = 64\n[diffusion]\nloss_type = \"kl\"\nmodel_var_type = \"learned\"\n",
+        "c",
+    )
+    .unwrap();
     let again = Config::parse(&c.to_toml(), "again").unwrap();
     assert_eq!(c, again);
 }

@@ -31,7 +31,9 @@ impl Config {
         {
             return fail(
                 "run.name",
-                format!("expected a non-empty name of letters, digits, '-', '_', '.', got {name:?}"),
+                format!(
+                    "expected a non-empty name of letters, digits, '-', '_', '.', got {name:?}"
+                ),
             );
         }
 
@@ -39,11 +41,17 @@ impl Config {
         if !d.source.is_empty() && !d.source.contains(':') {
             return fail(
                 "data.source",
-                format!("expected KIND:PATH (e.g. idx:FILE, cifar10:DIR), got {:?}", d.source),
+                format!(
+                    "expected KIND:PATH (e.g. idx:FILE, cifar10:DIR), got {:?}",
+                    d.source
+                ),
             );
         }
         if !matches!(d.channels, 1 | 3) {
-            return fail("data.channels", format!("expected 1 or 3, got {}", d.channels));
+            return fail(
+                "data.channels",
+                format!("expected 1 or 3, got {}", d.channels),
+            );
         }
         if d.pad < 0 || d.pad > 64 {
             return fail("data.pad", format!("expected 0..=64, got {}", d.pad));
@@ -53,14 +61,26 @@ impl Config {
         if m.ch <= 0 || m.ch % 32 != 0 {
             return fail(
                 "model.ch",
-                format!("expected a positive multiple of 32 (GroupNorm uses 32 groups), got {}", m.ch),
+                format!(
+                    "expected a positive multiple of 32 (GroupNorm uses 32 groups), got {}",
+                    m.ch
+                ),
             );
         }
         if m.ch_mult.is_empty() || m.ch_mult.iter().any(|&c| c <= 0) {
-            return fail("model.ch_mult", format!("expected a non-empty list of positive integers, got {:?}", m.ch_mult));
+            return fail(
+                "model.ch_mult",
+                format!(
+                    "expected a non-empty list of positive integers, got {:?}",
+                    m.ch_mult
+                ),
+            );
         }
         if m.num_res_blocks < 1 {
-            return fail("model.num_res_blocks", format!("expected >= 1, got {}", m.num_res_blocks));
+            return fail(
+                "model.num_res_blocks",
+                format!("expected >= 1, got {}", m.num_res_blocks),
+            );
         }
         finite_in("model.dropout", m.dropout, 0.0, 0.99, false)?;
         let levels = m.ch_mult.len() as u32;
@@ -84,14 +104,20 @@ impl Config {
 
         let f = &self.diffusion;
         if f.num_timesteps < 2 || f.num_timesteps > 100_000 {
-            return fail("diffusion.num_timesteps", format!("expected 2..=100000, got {}", f.num_timesteps));
+            return fail(
+                "diffusion.num_timesteps",
+                format!("expected 2..=100000, got {}", f.num_timesteps),
+            );
         }
         finite_in("diffusion.beta_start", f.beta_start, 0.0, 1.0, true)?;
         finite_in("diffusion.beta_end", f.beta_end, 0.0, 1.0, true)?;
         if f.beta_end >= 1.0 || f.beta_start > f.beta_end {
             return fail(
                 "diffusion.beta_end",
-                format!("expected beta_start <= beta_end < 1, got {} and {}", f.beta_start, f.beta_end),
+                format!(
+                    "expected beta_start <= beta_end < 1, got {} and {}",
+                    f.beta_start, f.beta_end
+                ),
             );
         }
         if f.model_var_type == VarType::Learned && f.loss_type == LossKind::Mse {
@@ -103,7 +129,10 @@ impl Config {
 
         let t = &self.train;
         if t.batch_size < 1 {
-            return fail("train.batch_size", format!("expected >= 1, got {}", t.batch_size));
+            return fail(
+                "train.batch_size",
+                format!("expected >= 1, got {}", t.batch_size),
+            );
         }
         finite_in("train.lr", t.lr, 0.0, 1.0, true)?;
         finite_in("train.adam_beta1", t.adam_beta1, 0.0, 1.0, false)?;
@@ -113,7 +142,10 @@ impl Config {
             return fail("train.adam_beta1", "Adam betas must be < 1");
         }
         if t.warmup_steps < 0 {
-            return fail("train.warmup_steps", format!("expected >= 0, got {}", t.warmup_steps));
+            return fail(
+                "train.warmup_steps",
+                format!("expected >= 0, got {}", t.warmup_steps),
+            );
         }
         finite_in("train.grad_clip", t.grad_clip, 0.0, 1e9, false)?;
         finite_in("train.ema_decay", t.ema_decay, 0.0, 1.0, false)?;
@@ -121,13 +153,22 @@ impl Config {
             return fail("train.ema_decay", "expected a decay < 1");
         }
         if t.total_steps < 1 {
-            return fail("train.total_steps", format!("expected >= 1, got {}", t.total_steps));
+            return fail(
+                "train.total_steps",
+                format!("expected >= 1, got {}", t.total_steps),
+            );
         }
         if t.log_every < 1 {
-            return fail("train.log_every", format!("expected >= 1, got {}", t.log_every));
+            return fail(
+                "train.log_every",
+                format!("expected >= 1, got {}", t.log_every),
+            );
         }
         if t.snapshot_every < 0 {
-            return fail("train.snapshot_every", format!("expected >= 0, got {}", t.snapshot_every));
+            return fail(
+                "train.snapshot_every",
+                format!("expected >= 0, got {}", t.snapshot_every),
+            );
         }
         if t.threads < 0 {
             return fail("train.threads", format!("expected >= 0, got {}", t.threads));
@@ -137,12 +178,18 @@ impl Config {
         if s.steps < 1 || s.steps > f.num_timesteps {
             return fail(
                 "sample.steps",
-                format!("expected 1..=diffusion.num_timesteps ({}), got {}", f.num_timesteps, s.steps),
+                format!(
+                    "expected 1..=diffusion.num_timesteps ({}), got {}",
+                    f.num_timesteps, s.steps
+                ),
             );
         }
         finite_in("sample.eta", s.eta, 0.0, 1e3, false)?;
         if s.batch_size < 1 {
-            return fail("sample.batch_size", format!("expected >= 1, got {}", s.batch_size));
+            return fail(
+                "sample.batch_size",
+                format!("expected >= 1, got {}", s.batch_size),
+            );
         }
         Ok(())
     }

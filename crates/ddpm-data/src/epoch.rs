@@ -78,6 +78,12 @@ mod tests {
             ep.sort();
             assert_eq!(ep, (0..n as u32).collect::<Vec<_>>());
         }
-        assert_eq!(c, Cursor { epoch: 2, position: 1 });
+        assert_eq!(
+            c,
+            Cursor {
+                epoch: 2,
+                position: 1
+            }
+        );
     }
 }

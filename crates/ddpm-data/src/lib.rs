@@ -5,7 +5,7 @@ pub mod epoch;
 pub mod idx;
 pub mod source;
 
-pub use source::{ImageSet, open_source};
+pub use source::{open_source, ImageSet};
 
 /// Errors raised while reading datasets.
 #[derive(Debug, thiserror::Error)]

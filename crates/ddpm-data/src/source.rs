@@ -17,7 +17,11 @@ impl ImageSet {
         if images.kind() != Kind::Uint8 || images.dim() != 4 || images.size()[0] == 0 {
             return Err(DataError::Format {
                 path: "<tensor>".into(),
-                reason: format!("expected a non-empty uint8 [N, C, H, W] tensor, got {:?} {:?}", images.kind(), images.size()),
+                reason: format!(
+                    "expected a non-empty uint8 [N, C, H, W] tensor, got {:?} {:?}",
+                    images.kind(),
+                    images.size()
+                ),
             });
         }
         Ok(Self { images })
@@ -59,7 +63,10 @@ pub fn to_unit_range(x: &Tensor) -> Tensor {
 /// Opens the dataset named by `data.source` and checks it against `data.channels`,
 /// `data.pad` and `data.resolution`.
 pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
-    let src_err = |reason: String| DataError::Source { source_spec: cfg.source.clone(), reason };
+    let src_err = |reason: String| DataError::Source {
+        source_spec: cfg.source.clone(),
+        reason,
+    };
     let (kind, path) = cfg
         .source
         .split_once(':')
@@ -82,13 +89,20 @@ pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
             )))
         }
     };
-    let images = if cfg.pad > 0 { images.constant_pad_nd([cfg.pad, cfg.pad, cfg.pad, cfg.pad]) } else { images };
+    let images = if cfg.pad > 0 {
+        images.constant_pad_nd([cfg.pad, cfg.pad, cfg.pad, cfg.pad])
+    } else {
+        images
+    };
     let [c, h, w] = {
         let s = images.size();
         [s[1], s[2], s[3]]
     };
     if c != cfg.channels {
-        return Err(src_err(format!("images have {c} channel(s) but data.channels = {}", cfg.channels)));
+        return Err(src_err(format!(
+            "images have {c} channel(s) but data.channels = {}",
+            cfg.channels
+        )));
     }
     if h != cfg.resolution || w != cfg.resolution {
         return Err(src_err(format!(

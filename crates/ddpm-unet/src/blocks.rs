@@ -13,10 +13,21 @@ pub const NORM_GROUPS: i64 = 32;
 pub fn default_init(scale: f64, fan_in: i64, fan_out: i64) -> nn::Init {
     let scale = if scale == 0.0 { 1e-10 } else { scale };
     let limit = (3.0 * scale / ((fan_in + fan_out) as f64 / 2.0)).sqrt();
-    nn::Init::Uniform { lo: -limit, up: limit }
+    nn::Init::Uniform {
+        lo: -limit,
+        up: limit,
+    }
 }
 
-pub fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64, scale: f64) -> nn::Conv2D {
+pub fn conv(
+    p: nn::Path,
+    cin: i64,
+    cout: i64,
+    k: i64,
+    stride: i64,
+    padding: i64,
+    scale: f64,
+) -> nn::Conv2D {
     let cfg = nn::ConvConfig {
         stride,
         padding,
@@ -50,7 +61,8 @@ pub fn group_norm(p: nn::Path, c: i64) -> nn::GroupNorm {
 pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
     let half = dim / 2;
     let denom = (half - 1).max(1) as f64;
-    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln())) / denom).exp();
+    let freqs =
+        (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln())) / denom).exp();
     let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
     let emb = Tensor::cat(&[args.sin(), args.cos()], 1);
     if dim % 2 == 1 {
@@ -91,7 +103,11 @@ impl ResBlock {
         let h = self.conv1.forward(&self.norm1.forward(x).silu());
         let h = h + self.temb_proj.forward(temb_act).unsqueeze(-1).unsqueeze(-1);
         let h = self.norm2.forward(&h).silu();
-        let h = if train && self.dropout > 0.0 { h.dropout(self.dropout, true) } else { h };
+        let h = if train && self.dropout > 0.0 {
+            h.dropout(self.dropout, true)
+        } else {
+            h
+        };
         let h = self.conv2.forward(&h);
         match &self.nin_shortcut {
             Some(s) => s.forward(x) + h,
@@ -128,7 +144,9 @@ impl AttnBlock {
         let q = self.q.forward(&hs).unsqueeze(1);
         let k = self.k.forward(&hs).unsqueeze(1);
         let v = self.v.forward(&hs).unsqueeze(1);
-        let a = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false);
+        let a = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, false, None, false,
+        );
         let out = self.proj_out.forward(&a.squeeze_dim(1));
         x + out.transpose(1, 2).reshape([b, c, h, w])
     }

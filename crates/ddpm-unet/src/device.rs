@@ -10,12 +10,17 @@ use tch::Device;
 /// Parses `cpu`, `cuda` or `cuda:K` and, for CUDA, makes sure libtorch's CUDA backend is
 /// loaded and the device exists. The error names the missing library and how to fix it.
 pub fn resolve(spec: &str) -> Result<Device> {
-    let bad = |reason: String| UNetError::Device { device: spec.to_string(), reason };
+    let bad = |reason: String| UNetError::Device {
+        device: spec.to_string(),
+        reason,
+    };
     let index = match spec {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
         s => match s.strip_prefix("cuda:") {
-            Some(k) => k.parse::<usize>().map_err(|_| bad("expected `cpu`, `cuda` or `cuda:K` with K a GPU index".into()))?,
+            Some(k) => k
+                .parse::<usize>()
+                .map_err(|_| bad("expected `cpu`, `cuda` or `cuda:K` with K a GPU index".into()))?,
             None => return Err(bad("expected `cpu`, `cuda` or `cuda:K`".into())),
         },
     };
@@ -25,7 +30,9 @@ pub fn resolve(spec: &str) -> Result<Device> {
         return Err(bad("libtorch_cuda.so loaded but no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)".into()));
     }
     if index as i64 >= count {
-        return Err(bad(format!("GPU index {index} does not exist; this host has {count} visible GPU(s)")));
+        return Err(bad(format!(
+            "GPU index {index} does not exist; this host has {count} visible GPU(s)"
+        )));
     }
     Ok(Device::Cuda(index))
 }

@@ -1,6 +1,8 @@
 //! The U-Net itself.
 
-use crate::blocks::{conv, group_norm, linear, timestep_embedding, AttnBlock, Downsample, ResBlock, Upsample};
+use crate::blocks::{
+    conv, group_norm, linear, timestep_embedding, AttnBlock, Downsample, ResBlock, Upsample,
+};
 use crate::{Result, UNetError};
 use ddpm_config::{Config, ModelConfig};
 use tch::nn::{self, Module};
@@ -33,11 +35,21 @@ impl UNetConfig {
     /// The U-Net of a full configuration (channels from `[data]`, output channels doubled for
     /// a learned variance).
     pub fn from_config(c: &Config) -> Self {
-        Self::from_model(&c.model, c.data.channels, c.data.resolution, c.diffusion.model_var_type)
+        Self::from_model(
+            &c.model,
+            c.data.channels,
+            c.data.resolution,
+            c.diffusion.model_var_type,
+        )
     }
 
     /// The U-Net of a `[model]` section for images of `channels` x `resolution`^2.
-    pub fn from_model(m: &ModelConfig, channels: i64, resolution: i64, var: ddpm_config::VarType) -> Self {
+    pub fn from_model(
+        m: &ModelConfig,
+        channels: i64,
+        resolution: i64,
+        var: ddpm_config::VarType,
+    ) -> Self {
         Self {
             in_channels: channels,
             out_channels: ModelConfig::out_channels(channels, var),
@@ -58,13 +70,24 @@ impl UNetConfig {
 
     /// Checks the shape constraints (GroupNorm(32) channels, resolution divisibility).
     pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, reason: String| Err(UNetError::Config { key: key.into(), reason });
+        let bad = |key: &str, reason: String| {
+            Err(UNetError::Config {
+                key: key.into(),
+                reason,
+            })
+        };
         if self.ch_mult.is_empty() {
             return bad("ch_mult", "expected at least one level".into());
         }
         for (i, m) in self.ch_mult.iter().enumerate() {
             if m * self.ch <= 0 || (m * self.ch) % 32 != 0 {
-                return bad("ch_mult", format!("level {i} has {} channels; GroupNorm(32) needs a positive multiple of 32", m * self.ch));
+                return bad(
+                    "ch_mult",
+                    format!(
+                        "level {i} has {} channels; GroupNorm(32) needs a positive multiple of 32",
+                        m * self.ch
+                    ),
+                );
             }
         }
         if self.ch % 32 != 0 {
@@ -72,10 +95,19 @@ impl UNetConfig {
         }
         let factor = 1 << (self.levels() - 1);
         if self.resolution % factor != 0 || self.resolution < factor {
-            return bad("resolution", format!("{} is not divisible by 2^(levels-1) = {factor}", self.resolution));
+            return bad(
+                "resolution",
+                format!(
+                    "{} is not divisible by 2^(levels-1) = {factor}",
+                    self.resolution
+                ),
+            );
         }
         if self.in_channels < 1 || self.out_channels < 1 || self.num_res_blocks < 1 {
-            return bad("in_channels/out_channels/num_res_blocks", "expected positive values".into());
+            return bad(
+                "in_channels/out_channels/num_res_blocks",
+                "expected positive values".into(),
+            );
         }
         Ok(())
     }
@@ -119,7 +151,10 @@ impl UNet {
         let ch = c.ch;
         let temb_ch = 4 * ch;
         let temb = p / "temb" / "dense";
-        let temb_dense = [linear(&temb / 0, ch, temb_ch, 1.0), linear(&temb / 1, temb_ch, temb_ch, 1.0)];
+        let temb_dense = [
+            linear(&temb / 0, ch, temb_ch, 1.0),
+            linear(&temb / 1, temb_ch, temb_ch, 1.0),
+        ];
         let conv_in = conv(p / "conv_in", c.in_channels, ch, 3, 1, 1, 1.0);
 
         let levels = c.levels();
@@ -133,7 +168,13 @@ impl UNet {
             let mut blocks = Vec::new();
             let mut attns = Vec::new();
             for j in 0..c.num_res_blocks {
-                blocks.push(ResBlock::new(&lp / "block" / j, cur, out, temb_ch, c.dropout));
+                blocks.push(ResBlock::new(
+                    &lp / "block" / j,
+                    cur,
+                    out,
+                    temb_ch,
+                    c.dropout,
+                ));
                 cur = out;
                 if c.attn_resolutions.contains(&res) {
                     attns.push(AttnBlock::new(&lp / "attn" / j, cur));
@@ -145,7 +186,11 @@ impl UNet {
                 res /= 2;
                 Downsample::new(&lp / "downsample", cur, c.resamp_with_conv)
             });
-            down.push(DownLevel { blocks, attns, downsample });
+            down.push(DownLevel {
+                blocks,
+                attns,
+                downsample,
+            });
         }
 
         let mp = p / "mid";
@@ -161,7 +206,13 @@ impl UNet {
             let mut attns = Vec::new();
             for j in 0..=c.num_res_blocks {
                 let skip = skip_ch.pop().expect("one skip connection per up block");
-                blocks.push(ResBlock::new(&lp / "block" / j, cur + skip, out, temb_ch, c.dropout));
+                blocks.push(ResBlock::new(
+                    &lp / "block" / j,
+                    cur + skip,
+                    out,
+                    temb_ch,
+                    c.dropout,
+                ));
                 cur = out;
                 if c.attn_resolutions.contains(&res) {
                     attns.push(AttnBlock::new(&lp / "attn" / j, cur));
@@ -171,9 +222,16 @@ impl UNet {
                 res *= 2;
                 Upsample::new(&lp / "upsample", cur, c.resamp_with_conv)
             });
-            up[i] = Some(UpLevel { blocks, attns, upsample });
+            up[i] = Some(UpLevel {
+                blocks,
+                attns,
+                upsample,
+            });
         }
-        let up = up.into_iter().map(|l| l.expect("every level built")).collect();
+        let up = up
+            .into_iter()
+            .map(|l| l.expect("every level built"))
+            .collect();
         Ok(Self {
             config: c.clone(),
             temb_dense,
@@ -238,5 +296,8 @@ impl UNet {
 
 /// Total number of parameters in a var store.
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
-    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    vs.trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum()
 }

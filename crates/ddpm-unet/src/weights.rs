@@ -9,7 +9,7 @@
 //! resolution, names the attention projections `to_q/to_k/to_v/to_out.0` (older exports:
 //! `query/key/value/proj_attn`), and stores the same shapes.
 
-use crate::{Result, UNetError, UNetConfig};
+use crate::{Result, UNetConfig, UNetError};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -30,7 +30,9 @@ impl std::str::FromStr for WeightsFormat {
         match s {
             "ours" | "ddpm" => Ok(Self::Ours),
             "diffusers" => Ok(Self::Diffusers),
-            _ => Err(format!("unknown weights format {s:?}: expected `ours` or `diffusers`")),
+            _ => Err(format!(
+                "unknown weights format {s:?}: expected `ours` or `diffusers`"
+            )),
         }
     }
 }
@@ -76,12 +78,26 @@ pub fn to_diffusers_name(name: &str, levels: usize) -> Option<String> {
         ["temb", "dense", "1"] => "time_embedding.linear_2".to_string(),
         [path @ ("down" | "up"), i, kind, rest @ ..] => {
             let i: usize = i.parse().ok().filter(|&i| i < levels)?;
-            let (blocks, idx) = if *path == "down" { ("down_blocks", i) } else { ("up_blocks", levels - 1 - i) };
+            let (blocks, idx) = if *path == "down" {
+                ("down_blocks", i)
+            } else {
+                ("up_blocks", levels - 1 - i)
+            };
             match (*kind, rest) {
-                ("block", [j, part]) => format!("{blocks}.{idx}.resnets.{j}.{}", map_resnet_part(part, true)?),
-                ("attn", [j, part]) => format!("{blocks}.{idx}.attentions.{j}.{}", map_attn_part_to_diffusers(part)?),
-                ("downsample", ["conv"]) if *path == "down" => format!("{blocks}.{idx}.downsamplers.0.conv"),
-                ("upsample", ["conv"]) if *path == "up" => format!("{blocks}.{idx}.upsamplers.0.conv"),
+                ("block", [j, part]) => format!(
+                    "{blocks}.{idx}.resnets.{j}.{}",
+                    map_resnet_part(part, true)?
+                ),
+                ("attn", [j, part]) => format!(
+                    "{blocks}.{idx}.attentions.{j}.{}",
+                    map_attn_part_to_diffusers(part)?
+                ),
+                ("downsample", ["conv"]) if *path == "down" => {
+                    format!("{blocks}.{idx}.downsamplers.0.conv")
+                }
+                ("upsample", ["conv"]) if *path == "up" => {
+                    format!("{blocks}.{idx}.upsamplers.0.conv")
+                }
                 _ => return None,
             }
         }
@@ -125,11 +141,22 @@ pub fn from_diffusers_name(name: &str, levels: usize) -> Option<String> {
         ["time_embedding", "linear_2"] => "temb.dense.1".to_string(),
         [blocks @ ("down_blocks" | "up_blocks"), idx, kind, rest @ ..] => {
             let idx: usize = idx.parse().ok().filter(|&i| i < levels)?;
-            let (path, i) = if *blocks == "down_blocks" { ("down", idx) } else { ("up", levels - 1 - idx) };
+            let (path, i) = if *blocks == "down_blocks" {
+                ("down", idx)
+            } else {
+                ("up", levels - 1 - idx)
+            };
             match (*kind, rest) {
-                ("resnets", [j, part]) => format!("{path}.{i}.block.{j}.{}", map_resnet_part(part, false)?),
-                ("attentions", [j, part @ ..]) => format!("{path}.{i}.attn.{j}.{}", map_attn_part_from_diffusers(part)?),
-                ("downsamplers", ["0", "conv"]) if path == "down" => format!("down.{i}.downsample.conv"),
+                ("resnets", [j, part]) => {
+                    format!("{path}.{i}.block.{j}.{}", map_resnet_part(part, false)?)
+                }
+                ("attentions", [j, part @ ..]) => format!(
+                    "{path}.{i}.attn.{j}.{}",
+                    map_attn_part_from_diffusers(part)?
+                ),
+                ("downsamplers", ["0", "conv"]) if path == "down" => {
+                    format!("down.{i}.downsample.conv")
+                }
                 ("upsamplers", ["0", "conv"]) if path == "up" => format!("up.{i}.upsample.conv"),
                 _ => return None,
             }
@@ -138,7 +165,9 @@ pub fn from_diffusers_name(name: &str, levels: usize) -> Option<String> {
             let which = if *j == "0" { "block_1" } else { "block_2" };
             format!("mid.{which}.{}", map_resnet_part(part, false)?)
         }
-        ["mid_block", "attentions", "0", part @ ..] => format!("mid.attn_1.{}", map_attn_part_from_diffusers(part)?),
+        ["mid_block", "attentions", "0", part @ ..] => {
+            format!("mid.attn_1.{}", map_attn_part_from_diffusers(part)?)
+        }
         _ => return None,
     };
     Some(format!("{mapped}.{leaf}"))
@@ -146,9 +175,11 @@ pub fn from_diffusers_name(name: &str, levels: usize) -> Option<String> {
 
 /// Guesses the naming scheme of a set of tensor names.
 pub fn detect_format<'a>(names: impl IntoIterator<Item = &'a str>) -> WeightsFormat {
-    let diffusers = names
-        .into_iter()
-        .any(|n| n.starts_with("time_embedding.") || n.starts_with("down_blocks.") || n.starts_with("mid_block."));
+    let diffusers = names.into_iter().any(|n| {
+        n.starts_with("time_embedding.")
+            || n.starts_with("down_blocks.")
+            || n.starts_with("mid_block.")
+    });
     if diffusers {
         WeightsFormat::Diffusers
     } else {
@@ -173,7 +204,12 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// Loads named tensors (either naming scheme, any float dtype) into the variables of `vs`.
 /// Every variable must be present with its exact shape and nothing may be left over;
 /// otherwise the error lists each missing, unexpected and mis-shaped tensor by name.
-pub fn load_into(vs: &nn::VarStore, levels: usize, tensors: Vec<(String, Tensor)>, origin: &str) -> Result<WeightsFormat> {
+pub fn load_into(
+    vs: &nn::VarStore,
+    levels: usize,
+    tensors: Vec<(String, Tensor)>,
+    origin: &str,
+) -> Result<WeightsFormat> {
     let format = detect_format(tensors.iter().map(|(n, _)| n.as_str()));
     let mut by_ours: BTreeMap<String, (String, Tensor)> = BTreeMap::new();
     let mut problems = Vec::new();
@@ -186,17 +222,25 @@ pub fn load_into(vs: &nn::VarStore, levels: usize, tensors: Vec<(String, Tensor)
             Some(o) => {
                 by_ours.insert(o, (name, t));
             }
-            None => problems.push(format!("unexpected tensor `{name}` (not a parameter of this U-Net)")),
+            None => problems.push(format!(
+                "unexpected tensor `{name}` (not a parameter of this U-Net)"
+            )),
         }
     }
     let vars = vs.variables();
     let file_name = |ours: &str| match format {
         WeightsFormat::Ours => ours.to_string(),
-        WeightsFormat::Diffusers => to_diffusers_name(ours, levels).unwrap_or_else(|| ours.to_string()),
+        WeightsFormat::Diffusers => {
+            to_diffusers_name(ours, levels).unwrap_or_else(|| ours.to_string())
+        }
     };
     for (name, var) in vars.iter().collect::<BTreeMap<_, _>>() {
         match by_ours.get(name) {
-            None => problems.push(format!("missing tensor `{}` (expected shape {:?})", file_name(name), var.size())),
+            None => problems.push(format!(
+                "missing tensor `{}` (expected shape {:?})",
+                file_name(name),
+                var.size()
+            )),
             Some((src_name, src)) if src.size() != var.size() => problems.push(format!(
                 "tensor `{src_name}` has shape {:?}, expected {:?}",
                 src.size(),
@@ -208,13 +252,20 @@ pub fn load_into(vs: &nn::VarStore, levels: usize, tensors: Vec<(String, Tensor)
     let known: BTreeSet<&String> = vars.keys().collect();
     for (ours, (src_name, _)) in &by_ours {
         if !known.contains(ours) {
-            problems.push(format!("unexpected tensor `{src_name}` (not a parameter of this U-Net)"));
+            problems.push(format!(
+                "unexpected tensor `{src_name}` (not a parameter of this U-Net)"
+            ));
         }
     }
     if !problems.is_empty() {
         return Err(UNetError::Weights {
             path: origin.to_string(),
-            reason: format!("{} problem(s) for a U-Net with {} levels: {}", problems.len(), levels, problems.join("; ")),
+            reason: format!(
+                "{} problem(s) for a U-Net with {} levels: {}",
+                problems.len(),
+                levels,
+                problems.join("; ")
+            ),
         });
     }
     tch::no_grad(|| -> Result<()> {
@@ -235,15 +286,21 @@ pub fn load(vs: &nn::VarStore, levels: usize, path: &Path) -> Result<WeightsForm
 }
 
 /// The variables of `vs` as (name, tensor) pairs in the chosen naming, sorted by name.
-pub fn named_tensors(vs: &nn::VarStore, levels: usize, format: WeightsFormat) -> Result<Vec<(String, Tensor)>> {
+pub fn named_tensors(
+    vs: &nn::VarStore,
+    levels: usize,
+    format: WeightsFormat,
+) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for (name, t) in vs.variables() {
         let n = match format {
             WeightsFormat::Ours => name,
-            WeightsFormat::Diffusers => to_diffusers_name(&name, levels).ok_or_else(|| UNetError::Weights {
-                path: "<model>".into(),
-                reason: format!("variable `{name}` has no diffusers equivalent"),
-            })?,
+            WeightsFormat::Diffusers => {
+                to_diffusers_name(&name, levels).ok_or_else(|| UNetError::Weights {
+                    path: "<model>".into(),
+                    reason: format!("variable `{name}` has no diffusers equivalent"),
+                })?
+            }
         };
         out.push((n, t.detach().to_device(tch::Device::Cpu).contiguous()));
     }
@@ -270,8 +327,25 @@ pub fn diffusers_config(c: &UNetConfig) -> Result<Value> {
     }
     let levels = c.levels();
     let attn_at = |i: usize| c.attn_resolutions.contains(&(c.resolution >> i));
-    let down: Vec<&str> = (0..levels).map(|i| if attn_at(i) { "AttnDownBlock2D" } else { "DownBlock2D" }).collect();
-    let up: Vec<&str> = (0..levels).rev().map(|i| if attn_at(i) { "AttnUpBlock2D" } else { "UpBlock2D" }).collect();
+    let down: Vec<&str> = (0..levels)
+        .map(|i| {
+            if attn_at(i) {
+                "AttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+        })
+        .collect();
+    let up: Vec<&str> = (0..levels)
+        .rev()
+        .map(|i| {
+            if attn_at(i) {
+                "AttnUpBlock2D"
+            } else {
+                "UpBlock2D"
+            }
+        })
+        .collect();
     let block_out: Vec<i64> = c.ch_mult.iter().map(|m| m * c.ch).collect();
     Ok(json!({
         "_class_name": "UNet2DModel",
@@ -305,7 +379,11 @@ pub fn config_from_diffusers(v: &Value, origin: &str) -> Result<UNetConfig> {
         key: format!("{origin}: {key}"),
         reason,
     };
-    let int = |key: &str| v.get(key).and_then(Value::as_i64).ok_or_else(|| err(key, "expected an integer".into()));
+    let int = |key: &str| {
+        v.get(key)
+            .and_then(Value::as_i64)
+            .ok_or_else(|| err(key, "expected an integer".into()))
+    };
     let expect = |key: &str, want: Value, default: Value| -> Result<()> {
         let got = v.get(key).cloned().unwrap_or(default);
         let same = match (&got, &want) {
@@ -315,7 +393,10 @@ pub fn config_from_diffusers(v: &Value, origin: &str) -> Result<UNetConfig> {
         if same {
             Ok(())
         } else {
-            Err(err(key, format!("expected {want}, got {got} (not the DDPM architecture)")))
+            Err(err(
+                key,
+                format!("expected {want}, got {got} (not the DDPM architecture)"),
+            ))
         }
     };
     expect("downsample_padding", json!(0), json!(1))?;
@@ -323,10 +404,18 @@ pub fn config_from_diffusers(v: &Value, origin: &str) -> Result<UNetConfig> {
     expect("freq_shift", json!(1), json!(0))?;
     expect("norm_num_groups", json!(32), json!(32))?;
     expect("act_fn", json!("silu"), json!("silu"))?;
-    expect("time_embedding_type", json!("positional"), json!("positional"))?;
+    expect(
+        "time_embedding_type",
+        json!("positional"),
+        json!("positional"),
+    )?;
     expect("center_input_sample", json!(false), json!(false))?;
     expect("mid_block_scale_factor", json!(1), json!(1))?;
-    expect("resnet_time_scale_shift", json!("default"), json!("default"))?;
+    expect(
+        "resnet_time_scale_shift",
+        json!("default"),
+        json!("default"),
+    )?;
     let eps = v.get("norm_eps").and_then(Value::as_f64).unwrap_or(1e-5);
     if (eps - 1e-6).abs() > 1e-12 {
         return Err(err("norm_eps", format!("expected 1e-6, got {eps}")));
@@ -337,24 +426,37 @@ pub fn config_from_diffusers(v: &Value, origin: &str) -> Result<UNetConfig> {
         .map(|a| a.iter().filter_map(Value::as_i64).collect())
         .ok_or_else(|| err("block_out_channels", "expected a list of integers".into()))?;
     let Some(&ch) = block_out.first() else {
-        return Err(err("block_out_channels", "expected at least one level".into()));
+        return Err(err(
+            "block_out_channels",
+            "expected at least one level".into(),
+        ));
     };
     if block_out.iter().any(|b| b % ch != 0) {
-        return Err(err("block_out_channels", format!("{block_out:?} are not multiples of the first entry")));
+        return Err(err(
+            "block_out_channels",
+            format!("{block_out:?} are not multiples of the first entry"),
+        ));
     }
     let head = v.get("attention_head_dim").cloned().unwrap_or(Value::Null);
     let resolution = int("sample_size")?;
     let names = |key: &str| -> Result<Vec<String>> {
         v.get(key)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
             .ok_or_else(|| err(key, "expected a list of block type names".into()))
     };
     let down = names("down_block_types")?;
     let up = names("up_block_types")?;
     let levels = block_out.len();
     if down.len() != levels || up.len() != levels {
-        return Err(err("down_block_types", format!("expected {levels} down and up block types")));
+        return Err(err(
+            "down_block_types",
+            format!("expected {levels} down and up block types"),
+        ));
     }
     let mut attn = Vec::new();
     for (i, d) in down.iter().enumerate() {
@@ -362,21 +464,37 @@ pub fn config_from_diffusers(v: &Value, origin: &str) -> Result<UNetConfig> {
         let has = match d.as_str() {
             "AttnDownBlock2D" => true,
             "DownBlock2D" => false,
-            other => return Err(err("down_block_types", format!("unsupported block {other:?}"))),
+            other => {
+                return Err(err(
+                    "down_block_types",
+                    format!("unsupported block {other:?}"),
+                ))
+            }
         };
         let up_name = &up[levels - 1 - i];
         let up_has = match up_name.as_str() {
             "AttnUpBlock2D" => true,
             "UpBlock2D" => false,
-            other => return Err(err("up_block_types", format!("unsupported block {other:?}"))),
+            other => {
+                return Err(err(
+                    "up_block_types",
+                    format!("unsupported block {other:?}"),
+                ))
+            }
         };
         if has != up_has {
-            return Err(err("up_block_types", format!("attention at resolution {res} must be used on both paths")));
+            return Err(err(
+                "up_block_types",
+                format!("attention at resolution {res} must be used on both paths"),
+            ));
         }
         if has {
             attn.push(res);
             if !(head.is_null() || head.as_i64() == Some(block_out[i])) {
-                return Err(err("attention_head_dim", format!("expected null (one head), got {head}")));
+                return Err(err(
+                    "attention_head_dim",
+                    format!("expected null (one head), got {head}"),
+                ));
             }
         }
     }
