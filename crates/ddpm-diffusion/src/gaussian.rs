@@ -140,7 +140,10 @@ impl GaussianDiffusion {
     pub fn q_mean_variance(&self, x_start: &Tensor, t: &Tensor) -> (Tensor, Tensor, Tensor) {
         let mean = self.extract(&self.c.sqrt_alphas_cumprod, t, x_start) * x_start;
         let one = Tensor::ones_like(x_start);
-        let var = self.extract(&self.c.sqrt_one_minus_alphas_cumprod, t, x_start).square() * &one;
+        let var = self
+            .extract(&self.c.sqrt_one_minus_alphas_cumprod, t, x_start)
+            .square()
+            * &one;
         let log_var = self.extract(&self.c.log_one_minus_alphas_cumprod, t, x_start) * one;
         (mean, var, log_var)
     }
@@ -152,7 +155,12 @@ impl GaussianDiffusion {
     }
 
     /// Mean, variance and clipped log variance of the posterior q(x_{t-1} | x_t, x_0).
-    pub fn q_posterior(&self, x_start: &Tensor, x_t: &Tensor, t: &Tensor) -> (Tensor, Tensor, Tensor) {
+    pub fn q_posterior(
+        &self,
+        x_start: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
         let mean = self.extract(&self.c.posterior_mean_coef1, t, x_t) * x_start
             + self.extract(&self.c.posterior_mean_coef2, t, x_t) * x_t;
         let var = self.extract(&self.c.posterior_variance, t, x_t);
@@ -212,7 +220,10 @@ impl GaussianDiffusion {
         };
         let clip = |x: Tensor| if clip_denoised { x.clamp(-1.0, 1.0) } else { x };
         let (mean, pred_xstart) = match self.mean_type {
-            MeanType::Xprev => (out.shallow_clone(), clip(self.predict_xstart_from_xprev(x_t, t, &out))),
+            MeanType::Xprev => (
+                out.shallow_clone(),
+                clip(self.predict_xstart_from_xprev(x_t, t, &out)),
+            ),
             MeanType::Xstart => {
                 let x0 = clip(out);
                 (self.q_posterior(&x0, x_t, t).0, x0)

@@ -4,19 +4,29 @@ use tch::Tensor;
 
 /// KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
 pub fn normal_kl(mean1: &Tensor, logvar1: &Tensor, mean2: &Tensor, logvar2: &Tensor) -> Tensor {
-    ((logvar2 - logvar1) - 1.0 + (logvar1 - logvar2).exp() + (mean1 - mean2).square() * (-logvar2).exp()) * 0.5
+    ((logvar2 - logvar1) - 1.0
+        + (logvar1 - logvar2).exp()
+        + (mean1 - mean2).square() * (-logvar2).exp())
+        * 0.5
 }
 
 /// A fast approximation of the standard normal CDF (the tanh approximation of the paper's code).
 pub fn approx_standard_normal_cdf(x: &Tensor) -> Tensor {
     let c = (2.0 / std::f64::consts::PI).sqrt();
-    ((x + x.pow_tensor_scalar(3) * 0.044715) * c).tanh().g_add_scalar(1.0) * 0.5
+    ((x + x.pow_tensor_scalar(3) * 0.044715) * c)
+        .tanh()
+        .g_add_scalar(1.0)
+        * 0.5
 }
 
 /// Log-likelihood of data `x` (uint8 values scaled to [-1, 1]) under a Gaussian discretized to
 /// the 256 bins of width 2/255, with the edge bins extended to infinity (the paper's decoder
 /// L_0). Elementwise, in nats.
-pub fn discretized_gaussian_log_likelihood(x: &Tensor, means: &Tensor, log_scales: &Tensor) -> Tensor {
+pub fn discretized_gaussian_log_likelihood(
+    x: &Tensor,
+    means: &Tensor,
+    log_scales: &Tensor,
+) -> Tensor {
     let centered = x - means;
     let inv_stdv = (-log_scales).exp();
     let cdf_plus = approx_standard_normal_cdf(&(&inv_stdv * (&centered + 1.0 / 255.0)));

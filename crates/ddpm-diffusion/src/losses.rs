@@ -18,7 +18,12 @@ impl GaussianDiffusion {
     ) -> (Tensor, Tensor) {
         let (true_mean, _, true_log_var) = self.q_posterior(x_start, x_t, t);
         let p = self.p_mean_variance(model_output, x_t, t, clip_denoised);
-        let kl = mean_flat(&normal_kl(&true_mean, &true_log_var, &p.mean, &p.log_variance)) / LN_2;
+        let kl = mean_flat(&normal_kl(
+            &true_mean,
+            &true_log_var,
+            &p.mean,
+            &p.log_variance,
+        )) / LN_2;
         let nll = -mean_flat(&discretized_gaussian_log_likelihood(
             x_start,
             &p.mean,
@@ -35,7 +40,13 @@ impl GaussianDiffusion {
     ///   x_0, or the posterior mean mu-tilde (the paper's ||mu-tilde - mu_theta||^2 baseline).
     /// * `kl`: the variational bound term L_{t-1} (or L_0 at t = 0) in bits/dim, which also
     ///   trains a learned variance.
-    pub fn training_losses<F>(&self, model: F, x_start: &Tensor, t: &Tensor, noise: &Tensor) -> Tensor
+    pub fn training_losses<F>(
+        &self,
+        model: F,
+        x_start: &Tensor,
+        t: &Tensor,
+        noise: &Tensor,
+    ) -> Tensor
     where
         F: FnOnce(&Tensor, &Tensor) -> Tensor,
     {
@@ -44,7 +55,10 @@ impl GaussianDiffusion {
         match self.loss_type {
             LossKind::Kl => self.vb_terms_bpd(&out, x_start, &x_t, t, false).0,
             LossKind::Mse => {
-                debug_assert!(self.var_type != VarType::Learned, "config validation rejects mse + learned");
+                debug_assert!(
+                    self.var_type != VarType::Learned,
+                    "config validation rejects mse + learned"
+                );
                 let (out, _) = self.split_output(&out, &x_t);
                 let target = match self.mean_type {
                     MeanType::Eps => noise.shallow_clone(),

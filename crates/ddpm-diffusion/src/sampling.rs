@@ -20,7 +20,10 @@ pub fn ddim_timesteps(num_timesteps: i64, steps: i64) -> Result<Vec<i64>> {
 fn batch_mask(t: &Tensor, like: &Tensor) -> Tensor {
     let mut shape = vec![t.size()[0]];
     shape.extend(std::iter::repeat_n(1, like.dim() - 1));
-    t.ne(0).to_kind(like.kind()).to_device(like.device()).view(shape.as_slice())
+    t.ne(0)
+        .to_kind(like.kind())
+        .to_device(like.device())
+        .view(shape.as_slice())
 }
 
 impl GaussianDiffusion {
@@ -53,7 +56,10 @@ impl GaussianDiffusion {
         if start < 0 || start >= self.num_timesteps() {
             return Err(DiffusionError::InvalidArgument {
                 name: "start",
-                reason: format!("expected a timestep in [0, {}), got {start}", self.num_timesteps()),
+                reason: format!(
+                    "expected a timestep in [0, {}), got {start}",
+                    self.num_timesteps()
+                ),
             });
         }
         let _guard = tch::no_grad_guard();
@@ -79,7 +85,14 @@ impl GaussianDiffusion {
         noise: &mut NoiseFn,
         on_step: &mut dyn FnMut(i64, &Tensor, &Tensor),
     ) -> Result<Tensor> {
-        self.sample_ancestral_from(model, x_last, self.num_timesteps() - 1, clip_denoised, noise, on_step)
+        self.sample_ancestral_from(
+            model,
+            x_last,
+            self.num_timesteps() - 1,
+            clip_denoised,
+            noise,
+            on_step,
+        )
     }
 
     /// Progressive generation (the paper's Fig. 6): samples from `x_last` and keeps the
@@ -125,7 +138,10 @@ impl GaussianDiffusion {
         if clip_denoised {
             x0 = x0.clamp(-1.0, 1.0);
         }
-        let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).max(0.0).sqrt();
+        let sigma = eta
+            * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+                .max(0.0)
+                .sqrt();
         let dir = eps * (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
         let mut x_prev = &x0 * a_prev.sqrt() + dir;
         if eta > 0.0 {
@@ -185,13 +201,20 @@ impl GaussianDiffusion {
         if t < 1 || t > self.num_timesteps() {
             return Err(DiffusionError::InvalidArgument {
                 name: "t",
-                reason: format!("interpolation step must be in 1..={}, got {t}", self.num_timesteps()),
+                reason: format!(
+                    "interpolation step must be in 1..={}, got {t}",
+                    self.num_timesteps()
+                ),
             });
         }
         if x_a.size() != x_b.size() || x_a.dim() != 4 || x_a.size()[0] != 1 {
             return Err(DiffusionError::InvalidArgument {
                 name: "x_a, x_b",
-                reason: format!("expected two [1, C, H, W] images, got {:?} and {:?}", x_a.size(), x_b.size()),
+                reason: format!(
+                    "expected two [1, C, H, W] images, got {:?} and {:?}",
+                    x_a.size(),
+                    x_b.size()
+                ),
             });
         }
         if lambdas.is_empty() {
@@ -211,7 +234,15 @@ impl GaussianDiffusion {
             .view([lambdas.len() as i64, 1, 1, 1]);
         let mixed = xa_t * (lam.neg() + 1.0) + xb_t * lam;
         let l = lambdas.len() as i64;
-        let mut shared = |s: &[i64]| noise(&[1, s[1], s[2], s[3]]).expand([l, s[1], s[2], s[3]], false);
-        self.sample_ancestral_from(model, mixed, t - 1, clip_denoised, &mut shared, &mut |i, _, _| on_step(i))
+        let mut shared =
+            |s: &[i64]| noise(&[1, s[1], s[2], s[3]]).expand([l, s[1], s[2], s[3]], false);
+        self.sample_ancestral_from(
+            model,
+            mixed,
+            t - 1,
+            clip_denoised,
+            &mut shared,
+            &mut |i, _, _| on_step(i),
+        )
     }
 }

@@ -18,7 +18,11 @@ pub fn linear_betas(start: f64, end: f64, n: usize) -> Vec<f64> {
 /// Cosine schedule of Nichol & Dhariwal (2021): alpha-bar(t) = cos^2(((t/T)+s)/(1+s) * pi/2)
 /// with s = 0.008 and each beta capped at 0.999.
 pub fn cosine_betas(n: usize) -> Vec<f64> {
-    let alpha_bar = |u: f64| ((u + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+    let alpha_bar = |u: f64| {
+        ((u + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -96,11 +100,19 @@ impl Schedule {
         let map = |f: &dyn Fn(usize) -> f64| (0..n).map(f).collect::<Vec<f64>>();
         let posterior_variance = map(&|i| betas[i] * (1.0 - acp_prev[i]) / (1.0 - acp[i]));
         let posterior_log_variance_clipped = map(&|i| {
-            let v = if i == 0 { posterior_variance[1] } else { posterior_variance[i] };
+            let v = if i == 0 {
+                posterior_variance[1]
+            } else {
+                posterior_variance[i]
+            };
             v.ln()
         });
         let fixedlarge_log_variance = map(&|i| {
-            let v = if i == 0 { posterior_variance[1] } else { betas[i] };
+            let v = if i == 0 {
+                posterior_variance[1]
+            } else {
+                betas[i]
+            };
             v.ln()
         });
         Ok(Self {
@@ -110,7 +122,9 @@ impl Schedule {
             sqrt_recip_alphas_cumprod: map(&|i| (1.0 / acp[i]).sqrt()),
             sqrt_recipm1_alphas_cumprod: map(&|i| (1.0 / acp[i] - 1.0).sqrt()),
             posterior_mean_coef1: map(&|i| betas[i] * acp_prev[i].sqrt() / (1.0 - acp[i])),
-            posterior_mean_coef2: map(&|i| (1.0 - acp_prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - acp[i])),
+            posterior_mean_coef2: map(&|i| {
+                (1.0 - acp_prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - acp[i])
+            }),
             posterior_variance,
             posterior_log_variance_clipped,
             fixedlarge_log_variance,

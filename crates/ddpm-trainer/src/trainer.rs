@@ -1,0 +1,207 @@
+//! One optimisation step: Algorithm 1 + clipping + Adam (PyTorch semantics) + EMA.
+
+use crate::flat::{alias_into, FlatParams};
+use crate::{Result, TrainError};
+use ddpm_config::Config;
+use ddpm_diffusion::GaussianDiffusion;
+use ddpm_unet::{UNet, UNetConfig};
+use tch::{nn, Device, Kind, Tensor};
+
+/// What one step produced. Tensors stay on the device so that a step does not synchronise;
+/// read them only when logging.
+#[derive(Debug)]
+pub struct StepStats {
+    /// The step just completed (1-based count of updates).
+    pub step: i64,
+    /// Mean loss of the batch.
+    pub loss: Tensor,
+    /// Global gradient norm before clipping.
+    pub grad_norm: Tensor,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Model, EMA model, Adam state and step counter of one training run.
+#[derive(Debug)]
+pub struct Trainer {
+    config: Config,
+    device: Device,
+    diffusion: GaussianDiffusion,
+    vs: nn::VarStore,
+    net: UNet,
+    ema_vs: nn::VarStore,
+    ema_net: UNet,
+    flat: FlatParams,
+    ema: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: i64,
+}
+
+impl Trainer {
+    /// Builds the model (initialised from `run.seed`), its EMA copy and zeroed Adam state.
+    ///
+    /// Randomness comes from libtorch's process-global generator, reseeded at every step
+    /// (see [`Trainer::step_seed`]); run one trainer per process.
+    pub fn new(config: &Config, device: Device) -> Result<Self> {
+        if config.train.threads > 0 {
+            tch::set_num_threads(config.train.threads as i32);
+        }
+        tch::manual_seed(config.run.seed as i64);
+        let unet_cfg = UNetConfig::from_config(config);
+        let vs = nn::VarStore::new(device);
+        let net = UNet::new(&vs.root(), &unet_cfg)?;
+        let flat = FlatParams::new(&vs)?;
+        let mut ema_vs = nn::VarStore::new(device);
+        let ema_net = UNet::new(&ema_vs.root(), &unet_cfg)?;
+        ema_vs.freeze();
+        let ema = flat.params.copy();
+        alias_into(&ema_vs, &ema, &flat.slots)?;
+        let exp_avg = flat.params.zeros_like();
+        let exp_avg_sq = flat.params.zeros_like();
+        let diffusion = GaussianDiffusion::new(&config.diffusion, device)?;
+        Ok(Self {
+            config: config.clone(),
+            device,
+            diffusion,
+            vs,
+            net,
+            ema_vs,
+            ema_net,
+            flat,
+            ema,
+            exp_avg,
+            exp_avg_sq,
+            step: 0,
+        })
+    }
+
+    /// The learning rate of update number `step` (0-based): linear warmup to `train.lr`.
+    pub fn lr_at(&self, step: i64) -> f64 {
+        let t = &self.config.train;
+        if t.warmup_steps > 0 {
+            t.lr * ((step + 1) as f64 / t.warmup_steps as f64).min(1.0)
+        } else {
+            t.lr
+        }
+    }
+
+    /// One step on a batch `x0` of images in [-1, 1] `[B, C, H, W]` (already on any device).
+    pub fn step(&mut self, x0: &Tensor) -> Result<StepStats> {
+        let cfg = &self.config;
+        let s = x0.size();
+        let want = [cfg.data.channels, cfg.data.resolution, cfg.data.resolution];
+        if s.len() != 4 || s[1..] != want {
+            return Err(TrainError::Batch(format!(
+                "expected [B, {}, {}, {}], got {s:?}",
+                want[0], want[1], want[2]
+            )));
+        }
+        let b = s[0];
+        tch::manual_seed(self.step_seed(self.step));
+        let x0 = x0.to_device(self.device).to_kind(Kind::Float);
+        let x0 = if cfg.data.random_flip {
+            let flip = Tensor::rand([b], (Kind::Float, self.device))
+                .lt(0.5)
+                .view([b, 1, 1, 1]);
+            x0.flip([3]).where_self(&flip, &x0)
+        } else {
+            x0
+        };
+        let t = Tensor::randint(
+            self.diffusion.num_timesteps(),
+            [b],
+            (Kind::Int64, self.device),
+        );
+        let noise = Tensor::randn_like(&x0);
+        let net = &self.net;
+        let losses =
+            self.diffusion
+                .training_losses(|x, t| net.forward_t(x, t, true), &x0, &t, &noise);
+        let loss = losses.mean(Kind::Float);
+        self.flat.zero_grad();
+        loss.backward();
+
+        let grads = &mut self.flat.grads;
+        let grad_norm = grads.norm();
+        if cfg.train.grad_clip > 0.0 {
+            let coef = (cfg.train.grad_clip / (&grad_norm + 1e-6)).clamp_max(1.0);
+            let _ = grads.g_mul_(&coef);
+        }
+        let ema_weight = 1.0 - cfg.train.ema_decay;
+        let lr = self.lr_at(self.step);
+        self.adam_update(lr);
+        let _ = self.ema.lerp_(&self.flat.params, ema_weight);
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss: loss.detach(),
+            grad_norm,
+            lr,
+        })
+    }
+
+    /// torch.optim.Adam (no weight decay, no amsgrad) on the flat buffers.
+    fn adam_update(&mut self, lr: f64) {
+        let t = &self.config.train;
+        let (b1, b2) = (t.adam_beta1, t.adam_beta2);
+        let n = (self.step + 1) as i32;
+        tch::no_grad(|| {
+            let g = &self.flat.grads;
+            let _ = self.exp_avg.lerp_(g, 1.0 - b1);
+            let _ = self.exp_avg_sq.g_mul_scalar_(b2);
+            let _ = self.exp_avg_sq.addcmul_(&(g * (1.0 - b2)), g);
+            let bias1 = 1.0 - b1.powi(n);
+            let bias2 = 1.0 - b2.powi(n);
+            let denom = self.exp_avg_sq.sqrt() / bias2.sqrt() + t.adam_eps;
+            let update = (&self.exp_avg / denom) * (lr / bias1);
+            let _ = self.flat.params.g_sub_(&update);
+        });
+    }
+
+    /// The libtorch seed of update number `step` (0-based). Each step reseeds the generator
+    /// from (run seed, step), so the flips, timesteps, noise and dropout of a step depend only
+    /// on those two numbers: a resumed run draws exactly what an uninterrupted one would.
+    pub fn step_seed(&self, step: i64) -> i64 {
+        // SplitMix64 finaliser over (seed, step): well-mixed, cheap, stable across versions.
+        let mut z = self.config.run.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 1) as i64
+    }
+
+    /// Updates completed so far.
+    pub fn global_step(&self) -> i64 {
+        self.step
+    }
+
+    /// The configuration this trainer runs.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The diffusion process.
+    pub fn diffusion(&self) -> &GaussianDiffusion {
+        &self.diffusion
+    }
+
+    /// The trained network and its variables.
+    pub fn model(&self) -> (&nn::VarStore, &UNet) {
+        (&self.vs, &self.net)
+    }
+
+    /// The EMA network (the one to sample from) and its variables.
+    pub fn ema_model(&self) -> (&nn::VarStore, &UNet) {
+        (&self.ema_vs, &self.ema_net)
+    }
+
+    /// The flat parameter, gradient and EMA buffers.
+    pub fn flat(&self) -> (&FlatParams, &Tensor) {
+        (&self.flat, &self.ema)
+    }
+
+    /// Device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+}

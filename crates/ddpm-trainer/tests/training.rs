@@ -1,0 +1,209 @@
+//! Trainer behaviour: flat buffers, Adam equal to libtorch's, loss going down, determinism,
+//! and weight snapshots.
+
+use ddpm_config::Config;
+use ddpm_trainer::{load_model, save_weights_dir, Trainer};
+use tch::nn::OptimizerConfig;
+use tch::{nn, Device, Kind, Tensor};
+
+fn tiny_config(extra: &str) -> Config {
+    let text = format!(
+        "[run]\nseed = 5\n[data]\nresolution = 16\nchannels = 1\nrandom_flip = false\n\
+         [model]\nch = 32\nch_mult = [1, 2]\nnum_res_blocks = 1\nattn_resolutions = [8]\ndropout = 0.0\n\
+         [train]\nbatch_size = 16\nlr = 0.001\nwarmup_steps = 10\ngrad_clip = 1.0\nema_decay = 0.99\nthreads = 1\n{extra}"
+    );
+    Config::parse(&text, "tiny").unwrap()
+}
+
+/// 16 grey 16x16 images with simple structure (bars and blocks), in [-1, 1].
+fn images() -> Tensor {
+    let mut v = vec![-1f32; 16 * 16 * 16];
+    for n in 0..16 {
+        for y in 0..16 {
+            for x in 0..16 {
+                let on = match n % 4 {
+                    0 => (x / 4) % 2 == n / 4 % 2,
+                    1 => (y / 4) % 2 == 0,
+                    2 => x > 3 + n / 4 && x < 12 && y > 3 && y < 12,
+                    _ => (x + y) % 8 < 4,
+                };
+                if on {
+                    v[n * 256 + y * 16 + x] = 1.0;
+                }
+            }
+        }
+    }
+    Tensor::from_slice(&v).view([16, 1, 16, 16])
+}
+
+/// libtorch's generator is process-global and the test harness runs tests on threads:
+/// every test that trains holds this lock.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bits(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
+}
+
+#[test]
+fn gradients_accumulate_into_the_flat_buffer() {
+    let _rng = rng_lock();
+    let cfg = tiny_config("");
+    let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
+    tr.step(&images()).unwrap();
+    let (flat, _) = tr.flat();
+    let (vs, _) = tr.model();
+    flat.check_views(vs).unwrap();
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let cat = Tensor::cat(
+        &named
+            .iter()
+            .map(|(_, t)| t.grad().reshape([-1]))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    assert!(cat.equal(&flat.grads));
+    assert!(flat.grads.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+}
+
+#[test]
+fn adam_steps_match_libtorchs_adam() {
+    let _rng = rng_lock();
+    // No warmup, no clipping: fed the same gradients, our flat Adam must take the same
+    // steps as libtorch's torch::optim::Adam on separate tensors.
+    let mut cfg = tiny_config("");
+    cfg.train.warmup_steps = 0;
+    cfg.train.grad_clip = 0.0;
+    let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    ddpm_unet::UNet::new(&vs.root(), &ddpm_unet::UNetConfig::from_config(&cfg)).unwrap();
+    let mut reference: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    reference.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        let src = tr.model().0.variables();
+        for (name, v) in reference.iter_mut() {
+            v.copy_(&src[name]);
+        }
+    });
+    let zero = reference
+        .iter()
+        .map(|(_, v)| v.sum(Kind::Float) * 0.0)
+        .fold(Tensor::from(0f32), |a, b| a + b);
+    zero.backward();
+    let mut opt = nn::Adam::default().build(&vs, cfg.train.lr).unwrap();
+    let x0 = images();
+    for _ in 0..3 {
+        tr.step(&x0).unwrap();
+        let ours = tr.model().0.variables();
+        tch::no_grad(|| {
+            for (name, v) in &reference {
+                v.grad().copy_(&ours[name].grad());
+            }
+        });
+        opt.step();
+    }
+    let ours = tr.model().0.variables();
+    let mut worst = 0f64;
+    for (name, v) in &reference {
+        let scale = v.abs().max().double_value(&[]).max(1e-3);
+        worst = worst.max((&ours[name] - v).abs().max().double_value(&[]) / scale);
+    }
+    assert!(
+        worst < 1e-5,
+        "parameters differ from libtorch Adam by {worst:e} (relative)"
+    );
+}
+
+#[test]
+fn two_hundred_steps_on_sixteen_images_cut_the_loss() {
+    let _rng = rng_lock();
+    let cfg = tiny_config("");
+    let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let x0 = images();
+    let mut losses = Vec::new();
+    for _ in 0..200 {
+        losses.push(tr.step(&x0).unwrap().loss.double_value(&[]));
+    }
+    let first: f64 = losses[..20].iter().sum::<f64>() / 20.0;
+    let last: f64 = losses[180..].iter().sum::<f64>() / 20.0;
+    assert!(
+        last < 0.5 * first,
+        "mean loss of the first 20 steps {first:.4}, of the last 20 {last:.4}"
+    );
+    assert_eq!(tr.global_step(), 200);
+}
+
+#[test]
+fn two_runs_with_one_seed_are_bitwise_identical() {
+    let _rng = rng_lock();
+    let mut cfg = tiny_config("");
+    cfg.data.random_flip = true;
+    cfg.model.dropout = 0.1;
+    let run = || {
+        let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
+        for _ in 0..15 {
+            tr.step(&images()).unwrap();
+        }
+        let (flat, ema) = tr.flat();
+        (bits(&flat.params), bits(ema))
+    };
+    let a = run();
+    let b = run();
+    assert!(
+        a.0 == b.0,
+        "parameters differ between two runs with one seed"
+    );
+    assert!(a.1 == b.1, "EMA differs between two runs with one seed");
+    let mut other = cfg.clone();
+    other.run.seed += 1;
+    let mut tr = Trainer::new(&other, Device::Cpu).unwrap();
+    for _ in 0..15 {
+        tr.step(&images()).unwrap();
+    }
+    assert!(
+        bits(&tr.flat().0.params) != a.0,
+        "a different seed must give different parameters"
+    );
+}
+
+#[test]
+fn snapshots_reload_into_an_identical_sampling_model() {
+    let _rng = rng_lock();
+    let cfg = tiny_config("");
+    let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
+    for _ in 0..3 {
+        tr.step(&images()).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mvs, _) = tr.model();
+    let (evs, enet) = tr.ema_model();
+    save_weights_dir(dir.path(), &cfg, mvs, evs).unwrap();
+    let saved = Config::from_file(dir.path().join("config.toml")).unwrap();
+    assert_eq!(saved, cfg);
+    let (_vs, net, _) =
+        load_model(&saved, &dir.path().join("ema.safetensors"), Device::Cpu).unwrap();
+    let x = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[3i64, 700]);
+    let a = tch::no_grad(|| enet.forward_t(&x, &t, false));
+    let b = tch::no_grad(|| net.forward_t(&x, &t, false));
+    assert!(a.equal(&b));
+}
+
+#[test]
+fn a_batch_of_the_wrong_shape_is_rejected_with_the_expected_shape() {
+    let _rng = rng_lock();
+    let mut tr = Trainer::new(&tiny_config(""), Device::Cpu).unwrap();
+    let err = tr
+        .step(&Tensor::zeros([2, 3, 16, 16], (Kind::Float, Device::Cpu)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("expected [B, 1, 16, 16], got [2, 3, 16, 16]"),
+        "{err}"
+    );
+}
