@@ -1,1 +1,62 @@
+//! `ddpm`: train, inspect, sample from and convert DDPM models.
 
+mod commands;
+mod images;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020) on libtorch.
+#[derive(Parser, Debug)]
+#[command(name = "ddpm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model in this process (single device) and write weight snapshots.
+    Train(commands::train::TrainArgs),
+    /// Show the U-Net of a config: parameter count and the shape of every block.
+    Inspect(commands::inspect::InspectArgs),
+    /// Generate images (ancestral sampling, Algorithm 2, or DDIM) and write a PNG grid.
+    Sample(commands::sample::SampleArgs),
+    /// Progressive generation: the predicted x_0 at evenly spaced steps (the paper's Fig. 6).
+    Progressive(commands::sample::ProgressiveArgs),
+    /// Interpolate two images in latent space (Sec. 6, Fig. 8).
+    Interpolate(commands::sample::InterpolateArgs),
+    /// Negative log-likelihood in bits/dim (the variational bound over all T terms + prior).
+    Nll(commands::nll::NllArgs),
+    /// Convert weights between this project's names and diffusers' UNet2DModel.
+    Convert(commands::convert::ConvertArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => commands::train::run(a),
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Sample(a) => commands::sample::run_sample(a),
+        Command::Progressive(a) => commands::sample::run_progressive(a),
+        Command::Interpolate(a) => commands::sample::run_interpolate(a),
+        Command::Nll(a) => commands::nll::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+    }
+}

@@ -1,0 +1,34 @@
+//! One module per subcommand, plus the helpers they share.
+
+pub mod convert;
+pub mod inspect;
+pub mod nll;
+pub mod sample;
+pub mod train;
+
+use anyhow::{Context, Result};
+use ddpm_config::Config;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+use tch::Device;
+
+/// Reads and validates a config file.
+pub fn load_config(path: &Path) -> Result<Config> {
+    Ok(Config::from_file(path)?)
+}
+
+/// Parses `--device` (loading CUDA support when asked for).
+pub fn device(spec: &str) -> Result<Device> {
+    ddpm_unet::device::resolve(spec).context("--device")
+}
+
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta} left)")
+            .expect("valid template"),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
