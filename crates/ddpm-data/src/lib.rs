@@ -1,6 +1,8 @@
-//! Datasets for DDPM-RS. This first version reads IDX files (MNIST / Fashion-MNIST) and
-//! turns them into training tensors; deterministic epoch plans decide the sample order.
+//! Datasets for DDPM-RS. This first version reads IDX files (MNIST / Fashion-MNIST) and the
+//! CIFAR-10 binary batches into memory as training tensors; deterministic epoch plans decide
+//! the sample order.
 
+pub mod cifar10;
 pub mod epoch;
 pub mod idx;
 pub mod source;

@@ -83,9 +83,14 @@ pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
             let dims: Vec<i64> = a.dims.iter().map(|&d| d as i64).collect();
             Tensor::from_slice(&a.data).view([dims[0], 1, dims[1], dims[2]])
         }
+        "cifar10" => {
+            let c = crate::cifar10::read(Path::new(path), crate::cifar10::Split::Train)?;
+            let n = c.labels.len() as i64;
+            Tensor::from_slice(&c.pixels).view([n, 3, 32, 32])
+        }
         other => {
             return Err(src_err(format!(
-                "dataset kind `{other}` is not readable by this version (supported: idx)"
+                "dataset kind `{other}` is not readable by this version (supported: idx, cifar10)"
             )))
         }
     };

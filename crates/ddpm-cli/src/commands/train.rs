@@ -41,7 +41,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
     let dev = device(&a.device)?;
-    let data = ddpm_data::open_source(&cfg.data).with_context(|| format!("loading the dataset of {}", a.config.display()))?;
+    let data = ddpm_data::open_source(&cfg.data).with_context(|| format!("loading data.source {:?} of {}", cfg.data.source, a.config.display()))?;
     tracing::info!(images = data.len(), source = %cfg.data.source, "dataset loaded");
     let mut trainer = Trainer::new(&cfg, dev)?;
     let (vs, _) = trainer.model();

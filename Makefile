@@ -1,0 +1,61 @@
+# DDPM-RS. `make test` and `make quickstart` install what they need (libtorch from PyPI,
+# Fashion-MNIST from Debian) on a machine with only cargo, gcc and python3/pip.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH_VERSION := 2.11.0
+LIBTORCH_STAMP := .libtorch/.installed-$(TORCH_VERSION)
+FMNIST := .data/fashion-mnist/train-images-idx3-ubyte.gz
+CARGO ?= cargo
+
+.PHONY: all setup libtorch data test lint fmt quickstart bench parity-fixtures clean-libtorch
+
+all: test
+
+## setup: install libtorch and the quickstart data
+setup: libtorch data
+
+## libtorch: the CPU libraries of the PyPI torch wheel into .libtorch/ (idempotent)
+libtorch: $(LIBTORCH_STAMP)
+
+$(LIBTORCH_STAMP):
+	rm -rf .libtorch
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --target .libtorch \
+		torch==$(TORCH_VERSION) nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+	test -f .libtorch/torch/lib/libtorch_cpu.so
+	touch $@
+
+## data: Fashion-MNIST (Debian package dataset-fashion-mnist) into .data/
+data: $(FMNIST)
+
+$(FMNIST):
+	bash scripts/fetch-fashion-mnist.sh .data/fashion-mnist
+
+## lint: formatting and clippy with warnings as errors
+lint: libtorch
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## test: lint, then every test of the workspace
+test: lint
+	$(CARGO) test --workspace --locked
+
+fmt:
+	$(CARGO) fmt --all
+
+## quickstart: train the small quickstart U-Net on Fashion-MNIST on CPU, then sample a grid
+quickstart: libtorch data
+	$(CARGO) build --release --locked -p ddpm-cli
+	./target/release/ddpm train --config configs/quickstart.toml --sample-n 36
+	@echo "samples: runs/quickstart/samples.png   weights: runs/quickstart/ema.safetensors"
+
+## bench: CPU benchmarks against the PyTorch reference (see bench/README.md)
+bench: libtorch
+	bash bench/run_cpu.sh
+
+## parity-fixtures: regenerate tests/parity/fixtures (needs torch + diffusers in $(PYTHON))
+parity-fixtures:
+	$(PYTHON) tests/parity/make_fixtures.py
+
+clean-libtorch:
+	rm -rf .libtorch
