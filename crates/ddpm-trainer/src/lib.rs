@@ -26,7 +26,7 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] ddpm_data::DataError),
     /// File I/O.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file or directory.
         path: String,

@@ -43,7 +43,7 @@ pub enum UNetError {
         reason: String,
     },
     /// File I/O.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: String,
