@@ -6,8 +6,8 @@
 //!
 //! * `train-step`: [`ddpm_trainer::Trainer::step`] on one fixed random batch: random flip,
 //!   t ~ U{0..T-1}, noise, forward, eps-MSE loss, backward, global-norm clipping, Adam, EMA.
-//! * `sample-step`: one step of Algorithm 2 with the EMA network: a forward pass in inference
-//!   mode (no grad, no dropout) and [`ddpm_diffusion::GaussianDiffusion::p_sample`] (posterior
+//! * `sample-step`: one step of Algorithm 2 with one network (what a sampler holds; no
+//!   optimizer state): a forward pass in inference mode (no grad, no dropout) and [`ddpm_diffusion::GaussianDiffusion::p_sample`] (posterior
 //!   mean with clipped x_0, fixed variance, fresh noise).
 //! * `train-phases`: the same training step split into forward (+ loss), backward, and the
 //!   update (clip + Adam + EMA on the flat buffers), to see where the time goes.
@@ -20,12 +20,13 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ddpm_config::Config;
+use ddpm_diffusion::GaussianDiffusion;
 use ddpm_trainer::Trainer;
-use ddpm_unet::{parameter_count, UNetConfig};
+use ddpm_unet::{parameter_count, UNet, UNetConfig};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Micro-benchmarks of DDPM-RS (one JSON line per run on stdout).
 #[derive(Parser, Debug)]
@@ -115,11 +116,7 @@ fn setup(a: &RunArgs) -> Result<(Config, Tensor)> {
         tch::set_num_threads(a.threads as i32);
     }
     tch::manual_seed(a.seed);
-    let (b, c, r) = (
-        cfg.train.batch_size,
-        cfg.data.channels,
-        cfg.data.resolution,
-    );
+    let (b, c, r) = (cfg.train.batch_size, cfg.data.channels, cfg.data.resolution);
     let x = Tensor::rand([b, c, r, r], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     Ok((cfg, x))
 }
@@ -147,21 +144,72 @@ fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 
-/// Runs `step` warmup + iters times and returns the timed seconds of each iteration.
-fn time_steps(a: &RunArgs, mut step: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// CPU time in clock ticks: (busy ticks of the whole machine from `/proc/stat`, ticks of
+/// this process from `/proc/self/stat`). Zeros where unreadable.
+fn cpu_ticks() -> (u64, u64) {
+    let machine = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_string();
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+            (v.len() >= 8).then(|| v[0] + v[1] + v[2] + v[5] + v[6] + v[7])
+        })
+        .unwrap_or(0);
+    let own = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name: state is field 3, utime 14, stime 15.
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    (machine, own)
+}
+
+/// Timed seconds of each iteration and the share of the machine's CPUs that other processes
+/// used meanwhile (0: quiet machine; a sign of noisy numbers when well above 0).
+struct Timing {
+    times: Vec<f64>,
+    other_cpu_frac: Option<f64>,
+}
+
+/// Runs `step` warmup + iters times and times the last `iters`.
+fn time_steps(a: &RunArgs, mut step: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..a.warmup {
         step()?;
     }
     let mut times = Vec::with_capacity(a.iters);
+    let (m0, o0) = cpu_ticks();
+    let wall = Instant::now();
     for _ in 0..a.iters {
         let start = Instant::now();
         step()?;
         times.push(start.elapsed().as_secs_f64());
     }
-    Ok(times)
+    let wall = wall.elapsed().as_secs_f64();
+    let (m1, o1) = cpu_ticks();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let other_cpu_frac = (m1 > 0).then(|| {
+        let other = m1.saturating_sub(m0) as f64 - o1.saturating_sub(o0) as f64;
+        (other / TICKS_PER_S / (wall * cpus)).max(0.0)
+    });
+    Ok(Timing {
+        times,
+        other_cpu_frac,
+    })
 }
 
-fn report(bench: &str, a: &RunArgs, cfg: &Config, params: i64, times: &[f64]) -> Value {
+/// Linux USER_HZ (clock ticks per second of /proc/stat), 100 on every mainstream platform.
+const TICKS_PER_S: f64 = 100.0;
+
+fn report(bench: &str, a: &RunArgs, cfg: &Config, params: i64, timing: &Timing) -> Value {
+    let times = &timing.times;
     let b = cfg.train.batch_size;
     let med = median(times);
     json!({
@@ -178,6 +226,7 @@ fn report(bench: &str, a: &RunArgs, cfg: &Config, params: i64, times: &[f64]) ->
         "min_s": times.iter().copied().fold(f64::INFINITY, f64::min),
         "images_per_s": b as f64 / med,
         "peak_rss_mib": peak_rss_mib(),
+        "other_cpu_frac": timing.other_cpu_frac,
         "times_s": times,
     })
 }
@@ -186,26 +235,28 @@ fn train_step(a: &RunArgs) -> Result<Value> {
     let (cfg, x0) = setup(a)?;
     let mut trainer = Trainer::new(&cfg, Device::Cpu)?;
     let params = parameter_count(trainer.model().0);
-    let times = time_steps(a, || {
+    let timing = time_steps(a, || {
         let stats = trainer.step(&x0)?;
         // Reading the loss synchronises (a no-op on CPU, kept for other devices).
         let loss = stats.loss.double_value(&[]);
         anyhow::ensure!(loss.is_finite(), "non-finite loss {loss}");
         Ok(())
     })?;
-    Ok(report("train-step", a, &cfg, params, &times))
+    Ok(report("train-step", a, &cfg, params, &timing))
 }
 
 fn sample_step(a: &RunArgs) -> Result<Value> {
     let (cfg, x_t) = setup(a)?;
-    let trainer = Trainer::new(&cfg, Device::Cpu)?;
-    let (vs, net) = trainer.ema_model();
-    let params = parameter_count(vs);
-    let diffusion = trainer.diffusion();
+    // What a sampler holds: one network (the EMA weights, here freshly initialised) and the
+    // diffusion coefficients; no optimizer state.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = UNet::new(&vs.root(), &UNetConfig::from_config(&cfg))?;
+    let params = parameter_count(&vs);
+    let diffusion = GaussianDiffusion::new(&cfg.diffusion, Device::Cpu)?;
     let b = cfg.train.batch_size;
     let t = diffusion.timesteps_like(diffusion.num_timesteps() / 2, b);
     let clip = cfg.sample.clip_denoised;
-    let times = time_steps(a, || {
+    let timing = time_steps(a, || {
         let _guard = tch::no_grad_guard();
         let out = net.forward_t(&x_t, &t, false);
         let noise = Tensor::randn_like(&x_t);
@@ -214,7 +265,7 @@ fn sample_step(a: &RunArgs) -> Result<Value> {
         anyhow::ensure!(v.is_finite(), "non-finite sample {v}");
         Ok(())
     })?;
-    Ok(report("sample-step", a, &cfg, params, &times))
+    Ok(report("sample-step", a, &cfg, params, &timing))
 }
 
 /// Clipping, Adam and EMA exactly as `Trainer::step` does them on its flat buffers, on
@@ -273,14 +324,15 @@ fn train_phases(a: &RunArgs) -> Result<Value> {
     let numel = trainer.flat().0.params.numel() as i64;
     let b = cfg.train.batch_size;
     let mut replica = UpdateReplica::new(numel);
-    let (mut fwd, mut bwd, mut upd, mut full) = (vec![], vec![], vec![], vec![]);
-    for i in 0..a.warmup + a.iters {
-        let keep = i >= a.warmup;
+    let (mut fwd, mut bwd, mut upd) = (vec![], vec![], vec![]);
+    let mut i = 0;
+    let timing = time_steps(a, || {
         // Forward + loss and backward with the trainer's own network (gradients land in its
-        // flat buffer, which its next step zeroes).
+        // flat buffer, which its next step zeroes), the update replica, then a full step
+        // (the timed quantity of the run).
         let (_, net) = trainer.model();
         let diffusion = trainer.diffusion();
-        let s = Instant::now();
+        let s0 = Instant::now();
         let flip = Tensor::rand([b], (Kind::Float, Device::Cpu))
             .lt(0.5)
             .view([b, 1, 1, 1]);
@@ -297,23 +349,30 @@ fn train_phases(a: &RunArgs) -> Result<Value> {
         replica.run(&cfg);
         let _ = replica.params.double_value(&[0]);
         let s3 = Instant::now();
-        let stats = trainer.step(&x0)?;
-        let _ = stats.loss.double_value(&[]);
-        let s4 = Instant::now();
-        if keep {
-            fwd.push((s1 - s).as_secs_f64());
+        if i >= a.warmup {
+            fwd.push((s1 - s0).as_secs_f64());
             bwd.push((s2 - s1).as_secs_f64());
             upd.push((s3 - s2).as_secs_f64());
-            full.push((s4 - s3).as_secs_f64());
         }
-    }
-    let mut v = report("train-phases", a, &cfg, params, &full);
+        i += 1;
+        let stats = trainer.step(&x0)?;
+        let _ = stats.loss.double_value(&[]);
+        Ok(())
+    })?;
+    // time_steps times the whole closure; the full step alone is the remainder.
+    let full: Vec<f64> = (0..timing.times.len())
+        .map(|k| timing.times[k] - fwd[k] - bwd[k] - upd[k])
+        .collect();
+    let timing = Timing {
+        times: full,
+        other_cpu_frac: timing.other_cpu_frac,
+    };
+    let mut v = report("train-phases", a, &cfg, params, &timing);
     v["phases_median_s"] = json!({
         "forward_loss": median(&fwd),
         "backward": median(&bwd),
         "update_clip_adam_ema": median(&upd),
-        "full_step": median(&full),
-        "rest": median(&full) - median(&fwd) - median(&bwd) - median(&upd),
+        "full_step": median(&timing.times),
     });
     Ok(v)
 }

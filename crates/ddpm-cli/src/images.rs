@@ -7,7 +7,11 @@ use tch::{Device, Kind, Tensor};
 
 /// Converts `[N, C, H, W]` in [-1, 1] to uint8 `[N, C, H, W]` (round half to even, as PIL).
 pub fn to_uint8(x: &Tensor) -> Tensor {
-    ((x.to_device(Device::Cpu).to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
+    ((x.to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .clamp(-1.0, 1.0)
+        + 1.0)
+        * 127.5)
         .round()
         .to_kind(Kind::Uint8)
 }
@@ -45,7 +49,8 @@ pub fn save_grid(x: &Tensor, cols: i64, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    grid.save(path).with_context(|| format!("writing {}", path.display()))
+    grid.save(path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads an image, centre-crops it to a square, resizes it to `resolution` with a
@@ -54,25 +59,33 @@ pub fn load_image(path: &Path, resolution: i64, channels: i64) -> Result<Tensor>
     let img = image::open(path).with_context(|| format!("reading image {}", path.display()))?;
     let side = img.width().min(img.height());
     let (x0, y0) = ((img.width() - side) / 2, (img.height() - side) / 2);
-    let img = img
-        .crop_imm(x0, y0, side, side)
-        .resize_exact(resolution as u32, resolution as u32, FilterType::Lanczos3);
+    let img = img.crop_imm(x0, y0, side, side).resize_exact(
+        resolution as u32,
+        resolution as u32,
+        FilterType::Lanczos3,
+    );
     let (bytes, c) = match channels {
         1 => (img.to_luma8().into_raw(), 1),
         3 => (img.to_rgb8().into_raw(), 3),
         other => bail!("data.channels = {other}: expected 1 or 3"),
     };
-    let t = Tensor::from_slice(&bytes).view([1, resolution, resolution, c]).permute([0, 3, 1, 2]);
+    let t = Tensor::from_slice(&bytes)
+        .view([1, resolution, resolution, c])
+        .permute([0, 3, 1, 2]);
     Ok(t.to_kind(Kind::Float) / 127.5 - 1.0)
 }
 
 /// Reads a tensor file: `.npy`, or `.safetensors` with a single tensor (or one named `x_T`).
 pub fn read_tensor(path: &Path) -> Result<Tensor> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
     match ext {
         "npy" => Tensor::read_npy(path).with_context(|| format!("reading {}", path.display())),
         "safetensors" => {
-            let mut all = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
+            let mut all = Tensor::read_safetensors(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             if let Some(pos) = all.iter().position(|(n, _)| n == "x_T") {
                 return Ok(all.swap_remove(pos).1);
             }
@@ -81,10 +94,16 @@ pub fn read_tensor(path: &Path) -> Result<Tensor> {
                 n => bail!(
                     "{}: holds {n} tensors ({}); expected one, or one named `x_T`",
                     path.display(),
-                    all.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                    all.iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             }
         }
-        _ => bail!("{}: expected a .npy or .safetensors tensor file", path.display()),
+        _ => bail!(
+            "{}: expected a .npy or .safetensors tensor file",
+            path.display()
+        ),
     }
 }

@@ -39,7 +39,11 @@ fn write_idx(path: &Path) {
     for i in 0..n {
         for y in 0..16 {
             for x in 0..16 {
-                let on = if i % 2 == 0 { (x + i) % 6 < 3 } else { (4..12).contains(&x) && (4..12).contains(&y) };
+                let on = if i % 2 == 0 {
+                    (x + i) % 6 < 3
+                } else {
+                    (4..12).contains(&x) && (4..12).contains(&y)
+                };
                 bytes.push(if on { 230 } else { 20 });
             }
         }
@@ -84,20 +88,34 @@ fn trained() -> Setup {
     let config = path(&config);
     ok(&["train", "--config", &config, "--sample-n", "4"]);
     let weights = path(&root.join("run/ema.safetensors"));
-    Setup { _dir: dir, root, config, weights }
+    Setup {
+        _dir: dir,
+        root,
+        config,
+        weights,
+    }
 }
 
 #[test]
 fn train_writes_weights_log_and_a_sample_grid() {
     let s = trained();
     let run = s.root.join("run");
-    for f in ["ema.safetensors", "model.safetensors", "config.toml", "samples.png"] {
+    for f in [
+        "ema.safetensors",
+        "model.safetensors",
+        "config.toml",
+        "samples.png",
+    ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
     let log = std::fs::read_to_string(run.join("train_log.jsonl")).unwrap();
     let steps: Vec<i64> = log
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_i64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(steps, vec![4, 8, 12]);
     let img = image::open(run.join("samples.png")).unwrap();
@@ -112,13 +130,65 @@ fn sampling_is_reproducible_and_takes_initial_noise() {
     let noise = s.root.join("xT.safetensors");
     let x_t = tch::Tensor::randn([3, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu));
     tch::Tensor::write_safetensors(&[("x_T", &x_t)], &noise).unwrap();
-    let base = ["sample", "--config", &s.config, "--weights", &s.weights, "--n", "3"];
+    let base = [
+        "sample",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--n",
+        "3",
+    ];
     fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
         [base, extra].concat()
     }
-    ok(&with(&base, &["--sampler", "ddim", "--steps", "5", "--eta", "0.5", "--seed", "7", "--out", &out("a.png"), "--save-tensor", &out("a.safetensors")]));
-    ok(&with(&base, &["--sampler", "ddim", "--steps", "5", "--eta", "0.5", "--seed", "7", "--out", &out("b.png")]));
-    ok(&with(&base, &["--sampler", "ddim", "--steps", "5", "--eta", "0.5", "--seed", "8", "--out", &out("c.png")]));
+    ok(&with(
+        &base,
+        &[
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--eta",
+            "0.5",
+            "--seed",
+            "7",
+            "--out",
+            &out("a.png"),
+            "--save-tensor",
+            &out("a.safetensors"),
+        ],
+    ));
+    ok(&with(
+        &base,
+        &[
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--eta",
+            "0.5",
+            "--seed",
+            "7",
+            "--out",
+            &out("b.png"),
+        ],
+    ));
+    ok(&with(
+        &base,
+        &[
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--eta",
+            "0.5",
+            "--seed",
+            "8",
+            "--out",
+            &out("c.png"),
+        ],
+    ));
     let read = |n: &str| std::fs::read(s.root.join(n)).unwrap();
     assert_eq!(read("a.png"), read("b.png"), "same seed, same images");
     assert_ne!(read("a.png"), read("c.png"), "another seed, other images");
@@ -127,14 +197,54 @@ fn sampling_is_reproducible_and_takes_initial_noise() {
 
     // Deterministic DDIM (eta 0) from a given x_T ignores the seed.
     let n = path(&noise);
-    ok(&with(&base, &["--sampler", "ddim", "--steps", "5", "--init-noise", &n, "--seed", "1", "--out", &out("d.png")]));
-    ok(&with(&base, &["--sampler", "ddim", "--steps", "5", "--init-noise", &n, "--seed", "2", "--out", &out("e.png")]));
+    ok(&with(
+        &base,
+        &[
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--init-noise",
+            &n,
+            "--seed",
+            "1",
+            "--out",
+            &out("d.png"),
+        ],
+    ));
+    ok(&with(
+        &base,
+        &[
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--init-noise",
+            &n,
+            "--seed",
+            "2",
+            "--out",
+            &out("e.png"),
+        ],
+    ));
     assert_eq!(read("d.png"), read("e.png"));
     // Ancestral sampling over all T = 40 steps.
     ok(&with(&base, &["--sampler", "ddpm", "--out", &out("f.png")]));
     assert!(s.root.join("f.png").exists());
 
-    let err = fails(&["sample", "--config", &s.config, "--weights", &s.weights, "--n", "5", "--init-noise", &n, "--out", &out("g.png")]);
+    let err = fails(&[
+        "sample",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--n",
+        "5",
+        "--init-noise",
+        &n,
+        "--out",
+        &out("g.png"),
+    ]);
     assert!(err.contains("holds 3 x_T, but --n is 5"), "{err}");
 }
 
@@ -142,21 +252,77 @@ fn sampling_is_reproducible_and_takes_initial_noise() {
 fn progressive_interpolate_and_nll_run_on_the_trained_model() {
     let s = trained();
     let out = |name: &str| path(&s.root.join(name));
-    ok(&["progressive", "--config", &s.config, "--weights", &s.weights, "--n", "2", "--frames", "5", "--out", &out("p.png")]);
+    ok(&[
+        "progressive",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--n",
+        "2",
+        "--frames",
+        "5",
+        "--out",
+        &out("p.png"),
+    ]);
+    let x_t = tch::Tensor::randn([2, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu));
+    x_t.write_npy(s.root.join("xT.npy")).unwrap();
+    ok(&[
+        "progressive",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--n",
+        "2",
+        "--frames",
+        "5",
+        "--init-noise",
+        &out("xT.npy"),
+        "--out",
+        &out("q.png"),
+    ]);
+    assert!(s.root.join("q.png").exists());
     let img = image::open(s.root.join("p.png")).unwrap();
     assert_eq!((img.width(), img.height()), (5 * 18 + 2, 2 * 18 + 2));
 
     for (name, v) in [("a.png", 0u8), ("b.png", 255u8)] {
-        image::GrayImage::from_pixel(24, 20, image::Luma([v])).save(s.root.join(name)).unwrap();
+        image::GrayImage::from_pixel(24, 20, image::Luma([v]))
+            .save(s.root.join(name))
+            .unwrap();
     }
     ok(&[
-        "interpolate", "--config", &s.config, "--weights", &s.weights, "--a", &out("a.png"), "--b", &out("b.png"),
-        "--t", "20", "--lambdas", "5", "--out", &out("i.png"),
+        "interpolate",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--a",
+        &out("a.png"),
+        "--b",
+        &out("b.png"),
+        "--t",
+        "20",
+        "--lambdas",
+        "5",
+        "--out",
+        &out("i.png"),
     ]);
     let img = image::open(s.root.join("i.png")).unwrap();
     assert_eq!(img.width(), 7 * 18 + 2, "a, five mixtures, b");
 
-    let json = ok(&["nll", "--config", &s.config, "--weights", &s.weights, "--n", "6", "--batch-size", "4", "--json"]);
+    let json = ok(&[
+        "nll",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--n",
+        "6",
+        "--batch-size",
+        "4",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     let bpd = v["bits_per_dim"].as_f64().unwrap();
     assert!(bpd.is_finite() && bpd > 0.0, "{v}");
@@ -167,14 +333,39 @@ fn progressive_interpolate_and_nll_run_on_the_trained_model() {
 fn convert_round_trips_through_a_diffusers_directory() {
     let s = trained();
     let dir = s.root.join("diffusers");
-    ok(&["convert", "--config", &s.config, "--input", &s.weights, "--to", "diffusers", "--output", &path(&dir)]);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    ok(&[
+        "convert",
+        "--config",
+        &s.config,
+        "--input",
+        &s.weights,
+        "--to",
+        "diffusers",
+        "--output",
+        &path(&dir),
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["block_out_channels"], serde_json::json!([32, 64]));
-    assert_eq!(cfg["down_block_types"], serde_json::json!(["DownBlock2D", "AttnDownBlock2D"]));
+    assert_eq!(
+        cfg["down_block_types"],
+        serde_json::json!(["DownBlock2D", "AttnDownBlock2D"])
+    );
     let back = s.root.join("back.safetensors");
-    ok(&["convert", "--input", &path(&dir), "--to", "ours", "--output", &path(&back)]);
+    ok(&[
+        "convert",
+        "--input",
+        &path(&dir),
+        "--to",
+        "ours",
+        "--output",
+        &path(&back),
+    ]);
     let a = tch::Tensor::read_safetensors(&s.weights).unwrap();
-    let b: std::collections::HashMap<String, tch::Tensor> = tch::Tensor::read_safetensors(&back).unwrap().into_iter().collect();
+    let b: std::collections::HashMap<String, tch::Tensor> = tch::Tensor::read_safetensors(&back)
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
         assert!(t.equal(&b[name]), "{name} changed in the round trip");
@@ -182,18 +373,57 @@ fn convert_round_trips_through_a_diffusers_directory() {
     // The diffusers weights sample exactly like ours.
     let p = |n: &str| path(&s.root.join(n));
     let dw = path(&dir.join("diffusion_pytorch_model.safetensors"));
-    ok(&["sample", "--config", &s.config, "--weights", &s.weights, "--n", "2", "--sampler", "ddim", "--steps", "4", "--out", &p("x.png")]);
-    ok(&["sample", "--config", &s.config, "--weights", &dw, "--n", "2", "--sampler", "ddim", "--steps", "4", "--out", &p("y.png")]);
-    assert_eq!(std::fs::read(s.root.join("x.png")).unwrap(), std::fs::read(s.root.join("y.png")).unwrap());
+    ok(&[
+        "sample",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--n",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "4",
+        "--out",
+        &p("x.png"),
+    ]);
+    ok(&[
+        "sample",
+        "--config",
+        &s.config,
+        "--weights",
+        &dw,
+        "--n",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "4",
+        "--out",
+        &p("y.png"),
+    ]);
+    assert_eq!(
+        std::fs::read(s.root.join("x.png")).unwrap(),
+        std::fs::read(s.root.join("y.png")).unwrap()
+    );
 }
 
 #[test]
 fn inspect_reports_the_papers_parameter_counts() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = ok(&["inspect", "--config", &format!("{root}/../../configs/cifar10.toml")]);
+    let out = ok(&[
+        "inspect",
+        "--config",
+        &format!("{root}/../../configs/cifar10.toml"),
+    ]);
     assert!(out.contains("total parameters: 35746307"), "{out}");
     assert!(out.contains("mid.attn_1"), "{out}");
-    let out = ok(&["inspect", "--config", &format!("{root}/../../configs/lsun_church.toml")]);
+    let out = ok(&[
+        "inspect",
+        "--config",
+        &format!("{root}/../../configs/lsun_church.toml"),
+    ]);
     assert!(out.contains("total parameters: 113673219"), "{out}");
 }
 
@@ -203,27 +433,65 @@ fn user_errors_name_the_file_key_or_library() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[train]\nbatchsize = 3\n").unwrap();
     let err = fails(&["inspect", "--config", &path(&bad)]);
-    assert!(err.contains("bad.toml") && err.contains("batchsize"), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("batchsize"),
+        "{err}"
+    );
 
     std::fs::write(&bad, "[model]\nch = 48\n").unwrap();
     let err = fails(&["inspect", "--config", &path(&bad)]);
-    assert!(err.contains("model.ch") && err.contains("multiple of 32"), "{err}");
+    assert!(
+        err.contains("model.ch") && err.contains("multiple of 32"),
+        "{err}"
+    );
 
     let cifar = format!("{}/../../configs/cifar10.toml", env!("CARGO_MANIFEST_DIR"));
     let missing = path(&dir.path().join("nope.safetensors"));
-    let err = fails(&["sample", "--config", &cifar, "--weights", &missing, "--out", &path(&dir.path().join("o.png"))]);
+    let err = fails(&[
+        "sample",
+        "--config",
+        &cifar,
+        "--weights",
+        &missing,
+        "--out",
+        &path(&dir.path().join("o.png")),
+    ]);
     assert!(err.contains("nope.safetensors"), "{err}");
 
     let err = fails(&["train", "--config", &cifar, "--steps", "1"]);
-    assert!(err.contains("data.source") && err.contains("data_batch_1.bin"), "{err}");
+    assert!(
+        err.contains("data.source") && err.contains("data_batch_1.bin"),
+        "{err}"
+    );
 
-    let err = fails(&["sample", "--config", &cifar, "--weights", &missing, "--device", "gpu0", "--out", "o.png"]);
+    let err = fails(&[
+        "sample",
+        "--config",
+        &cifar,
+        "--weights",
+        &missing,
+        "--device",
+        "gpu0",
+        "--out",
+        "o.png",
+    ]);
     assert!(err.contains("gpu0") && err.contains("cuda:K"), "{err}");
     // No usable CUDA here: the error names the library and how to point at it. (On a host
     // where CUDA works, the command instead fails later, on the missing weights file.)
-    let err = fails(&["sample", "--config", &cifar, "--weights", &missing, "--device", "cuda", "--out", "o.png"]);
+    let err = fails(&[
+        "sample",
+        "--config",
+        &cifar,
+        "--weights",
+        &missing,
+        "--device",
+        "cuda",
+        "--out",
+        "o.png",
+    ]);
     assert!(
-        (err.contains("libtorch_cuda.so") && err.contains("LD_LIBRARY_PATH")) || err.contains("nope.safetensors"),
+        (err.contains("libtorch_cuda.so") && err.contains("LD_LIBRARY_PATH"))
+            || err.contains("nope.safetensors"),
         "{err}"
     );
 }

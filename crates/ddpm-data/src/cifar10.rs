@@ -58,11 +58,17 @@ pub fn read(dir: &Path, split: Split) -> Result<Cifar10> {
         Split::Train => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
         Split::Test => vec!["test_batch.bin".into()],
     };
-    let mut out = Cifar10 { pixels: Vec::new(), labels: Vec::new() };
+    let mut out = Cifar10 {
+        pixels: Vec::new(),
+        labels: Vec::new(),
+    };
     for name in names {
         let path = dir.join(&name);
         let p = path.display().to_string();
-        let bytes = std::fs::read(&path).map_err(|source| DataError::Io { path: p.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|source| DataError::Io {
+            path: p.clone(),
+            source,
+        })?;
         parse_batch(&bytes, &p, &mut out)?;
     }
     Ok(out)
@@ -89,15 +95,25 @@ mod tests {
         assert_eq!(c.labels, vec![1, 1, 2, 2, 3, 3, 4, 4, 5, 5]);
         assert_eq!(c.pixels.len(), 10 * 3072);
         // Second image of batch 1: red plane 11, green 12, blue 13.
-        assert_eq!((c.pixels[3072], c.pixels[3072 + 1024], c.pixels[3072 + 2048]), (11, 12, 13));
+        assert_eq!(
+            (c.pixels[3072], c.pixels[3072 + 1024], c.pixels[3072 + 2048]),
+            (11, 12, 13)
+        );
     }
 
     #[test]
     fn truncated_files_and_bad_labels_are_named() {
-        let mut out = Cifar10 { pixels: vec![], labels: vec![] };
-        let err = parse_batch(&record(1, 0)[..100], "x.bin", &mut out).unwrap_err().to_string();
+        let mut out = Cifar10 {
+            pixels: vec![],
+            labels: vec![],
+        };
+        let err = parse_batch(&record(1, 0)[..100], "x.bin", &mut out)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x.bin") && err.contains("3073"), "{err}");
-        let err = parse_batch(&record(12, 0), "y.bin", &mut out).unwrap_err().to_string();
+        let err = parse_batch(&record(12, 0), "y.bin", &mut out)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("y.bin") && err.contains("label 12"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let err = read(dir.path(), Split::Test).unwrap_err().to_string();

@@ -38,8 +38,10 @@ pub struct ConvertArgs {
 
 fn diffusers_dir(dir: &Path) -> Result<(UNetConfig, PathBuf)> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
     let cfg = weights::config_from_diffusers(&json, &cfg_path.display().to_string())?;
     let st = dir.join("diffusion_pytorch_model.safetensors");
     if !st.exists() {
@@ -63,24 +65,43 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         diffusers_dir(&a.input)?
     } else {
         let Some(cfg_path) = &a.config else {
-            bail!("--config is required when --input is a weights file (it gives the architecture)");
+            bail!(
+                "--config is required when --input is a weights file (it gives the architecture)"
+            );
         };
-        (UNetConfig::from_config(&load_config(cfg_path)?), a.input.clone())
+        (
+            UNetConfig::from_config(&load_config(cfg_path)?),
+            a.input.clone(),
+        )
     };
     let vs = nn::VarStore::new(Device::Cpu);
     UNet::new(&vs.root(), &ucfg)?;
     let from = weights::load(&vs, ucfg.levels(), &src)?;
     match a.to {
         Target::Diffusers => {
-            std::fs::create_dir_all(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
+            std::fs::create_dir_all(&a.output)
+                .with_context(|| format!("creating {}", a.output.display()))?;
             let json = weights::diffusers_config(&ucfg)?;
-            std::fs::write(a.output.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
-            weights::save(&vs, ucfg.levels(), &a.output.join("diffusion_pytorch_model.safetensors"), WeightsFormat::Diffusers)?;
+            std::fs::write(
+                a.output.join("config.json"),
+                serde_json::to_string_pretty(&json)? + "\n",
+            )?;
+            weights::save(
+                &vs,
+                ucfg.levels(),
+                &a.output.join("diffusion_pytorch_model.safetensors"),
+                WeightsFormat::Diffusers,
+            )?;
         }
         Target::Ours => {
             weights::save(&vs, ucfg.levels(), &a.output, WeightsFormat::Ours)?;
         }
     }
-    println!("converted {} ({from:?} names) -> {} ({:?})", src.display(), a.output.display(), a.to);
+    println!(
+        "converted {} ({from:?} names) -> {} ({:?})",
+        src.display(),
+        a.output.display(),
+        a.to
+    );
     Ok(())
 }

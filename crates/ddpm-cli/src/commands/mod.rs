@@ -12,9 +12,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use tch::Device;
 
-/// Reads and validates a config file.
+/// Reads and validates a config file, and applies its `train.threads` to libtorch.
 pub fn load_config(path: &Path) -> Result<Config> {
-    Ok(Config::from_file(path)?)
+    let cfg = Config::from_file(path)?;
+    if cfg.train.threads > 0 {
+        tch::set_num_threads(cfg.train.threads as i32);
+    }
+    Ok(cfg)
 }
 
 /// Parses `--device` (loading CUDA support when asked for).
@@ -26,8 +30,10 @@ pub fn device(spec: &str) -> Result<Device> {
 pub fn progress(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta} left)")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta} left)",
+        )
+        .expect("valid template"),
     );
     pb.set_message(what.to_string());
     pb

@@ -43,7 +43,10 @@ pub fn run(a: NllArgs) -> Result<()> {
     if let Some(src) = &a.data {
         cfg.data.source = src.clone();
     }
-    anyhow::ensure!(a.n >= 1 && a.batch_size >= 1, "--n and --batch-size must be >= 1");
+    anyhow::ensure!(
+        a.n >= 1 && a.batch_size >= 1,
+        "--n and --batch-size must be >= 1"
+    );
     let dev = device(&a.device)?;
     let data = ddpm_data::open_source(&cfg.data).context("--data")?;
     let n = a.n.min(data.len() as i64);
@@ -70,11 +73,20 @@ pub fn run(a: NllArgs) -> Result<()> {
     pb.finish_and_clear();
     let total = Tensor::cat(&totals, 0).to_kind(Kind::Double);
     let mean = total.mean(Kind::Double).double_value(&[]);
-    let stderr = if n > 1 { total.std(true).double_value(&[]) / (n as f64).sqrt() } else { f64::NAN };
+    let stderr = if n > 1 {
+        total.std(true).double_value(&[]) / (n as f64).sqrt()
+    } else {
+        f64::NAN
+    };
     let prior = Tensor::cat(&priors, 0).mean(Kind::Double).double_value(&[]);
-    let l0 = Tensor::cat(&decoders, 0).mean(Kind::Double).double_value(&[]);
+    let l0 = Tensor::cat(&decoders, 0)
+        .mean(Kind::Double)
+        .double_value(&[]);
     if a.json {
-        println!("{}", serde_json::json!({"n": n, "bits_per_dim": mean, "stderr": stderr, "prior_bpd": prior, "decoder_l0_bpd": l0}));
+        println!(
+            "{}",
+            serde_json::json!({"n": n, "bits_per_dim": mean, "stderr": stderr, "prior_bpd": prior, "decoder_l0_bpd": l0})
+        );
     } else {
         println!("NLL over {n} images: {mean:.4} bits/dim (+- {stderr:.4} s.e.); prior term {prior:.2e}, L_0 {l0:.4}");
     }

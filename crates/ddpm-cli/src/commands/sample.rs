@@ -89,7 +89,13 @@ pub struct SamplingPlan {
 }
 
 /// Samples `plan.n` images in batches (x_T from `init` when given, else standard normal).
-pub fn generate(d: &GaussianDiffusion, net: &UNet, plan: &SamplingPlan, init: Option<Tensor>, dev: Device) -> Result<Tensor> {
+pub fn generate(
+    d: &GaussianDiffusion,
+    net: &UNet,
+    plan: &SamplingPlan,
+    init: Option<Tensor>,
+    dev: Device,
+) -> Result<Tensor> {
     let [c, h, w] = plan.shape;
     let per_batch = match plan.sampler {
         SamplerKind::Ddpm => d.num_timesteps(),
@@ -109,8 +115,12 @@ pub fn generate(d: &GaussianDiffusion, net: &UNet, plan: &SamplingPlan, init: Op
         };
         let mut tick = |_: i64, _: &Tensor, _: &Tensor| pb.inc(1);
         let x = match plan.sampler {
-            SamplerKind::Ddpm => d.sample_ancestral(&mut model, x_last, plan.clip, &mut noise, &mut tick)?,
-            SamplerKind::Ddim => d.sample_ddim(&mut model, x_last, plan.steps, plan.eta, plan.clip, &mut noise, &mut tick)?,
+            SamplerKind::Ddpm => {
+                d.sample_ancestral(&mut model, x_last, plan.clip, &mut noise, &mut tick)?
+            }
+            SamplerKind::Ddim => d.sample_ddim(
+                &mut model, x_last, plan.steps, plan.eta, plan.clip, &mut noise, &mut tick,
+            )?,
         };
         out.push(x.to_device(Device::Cpu));
     }
@@ -137,17 +147,7 @@ pub fn run_sample(a: SampleArgs) -> Result<()> {
     let (cfg, dev, net, d) = open(&a.model)?;
     let shape = [cfg.data.channels, cfg.data.resolution, cfg.data.resolution];
     let init = match &a.init_noise {
-        Some(p) => {
-            let x = read_tensor(p)?;
-            let s = x.size();
-            if s.len() != 4 || s[1..] != shape {
-                bail!("--init-noise {}: shape {s:?}, expected [N, {}, {}, {}]", p.display(), shape[0], shape[1], shape[2]);
-            }
-            if s[0] < a.n {
-                bail!("--init-noise {}: holds {} x_T, but --n is {}", p.display(), s[0], a.n);
-            }
-            Some(x)
-        }
+        Some(p) => Some(read_init_noise(p, a.n, shape)?),
         None => None,
     };
     let sampler = match a.sampler {
@@ -169,7 +169,8 @@ pub fn run_sample(a: SampleArgs) -> Result<()> {
     save_grid(&x, grid_cols(a.n), &a.model.out)?;
     tracing::info!(path = %a.model.out.display(), n = a.n, ?sampler, "wrote sample grid");
     if let Some(p) = &a.save_tensor {
-        Tensor::write_safetensors(&[("samples", &x)], p).with_context(|| format!("writing {}", p.display()))?;
+        Tensor::write_safetensors(&[("samples", &x)], p)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -185,24 +186,76 @@ pub struct ProgressiveArgs {
     /// Number of predicted-x_0 frames per row, evenly spaced from t = T-1 to t = 0.
     #[arg(long, default_value_t = 10)]
     pub frames: i64,
+    /// Start from this x_T instead of seeded noise: .npy or .safetensors, shape [N, C, H, W].
+    #[arg(long)]
+    pub init_noise: Option<PathBuf>,
+}
+
+/// Reads `--init-noise`: at least `n` initial x_T of the model's image shape.
+fn read_init_noise(path: &std::path::Path, n: i64, shape: [i64; 3]) -> Result<Tensor> {
+    let x = read_tensor(path)?;
+    let s = x.size();
+    if s.len() != 4 || s[1..] != shape {
+        bail!(
+            "--init-noise {}: shape {s:?}, expected [N, {}, {}, {}]",
+            path.display(),
+            shape[0],
+            shape[1],
+            shape[2]
+        );
+    }
+    if s[0] < n {
+        bail!(
+            "--init-noise {}: holds {} x_T, but --n is {n}",
+            path.display(),
+            s[0]
+        );
+    }
+    Ok(x.narrow(0, 0, n).to_kind(Kind::Float))
 }
 
 /// Runs `ddpm progressive`.
 pub fn run_progressive(a: ProgressiveArgs) -> Result<()> {
     let (cfg, dev, net, d) = open(&a.model)?;
-    anyhow::ensure!(a.n >= 1 && a.frames >= 2, "--n must be >= 1 and --frames >= 2");
+    anyhow::ensure!(
+        a.n >= 1 && a.frames >= 2,
+        "--n must be >= 1 and --frames >= 2"
+    );
     let t_max = d.num_timesteps() - 1;
-    let record: Vec<i64> = (0..a.frames).map(|i| t_max - i * t_max / (a.frames - 1)).collect();
-    let x_last = Tensor::randn([a.n, cfg.data.channels, cfg.data.resolution, cfg.data.resolution], (Kind::Float, dev));
+    let record: Vec<i64> = (0..a.frames)
+        .map(|i| t_max - i * t_max / (a.frames - 1))
+        .collect();
+    let shape = [cfg.data.channels, cfg.data.resolution, cfg.data.resolution];
+    let x_last = match &a.init_noise {
+        Some(p) => read_init_noise(p, a.n, shape)?.to_device(dev),
+        None => Tensor::randn([a.n, shape[0], shape[1], shape[2]], (Kind::Float, dev)),
+    };
     let pb = progress(d.num_timesteps() as u64, "progressive");
     let mut model = |x: &Tensor, t: &Tensor| net.forward_t(x, t, false);
     let mut noise = |s: &[i64]| Tensor::randn(s, (Kind::Float, dev));
-    let (_, kept) = d.sample_progressive(&mut model, x_last, &record, cfg.sample.clip_denoised, &mut noise, &mut |_| pb.inc(1))?;
+    let (_, kept) = d.sample_progressive(
+        &mut model,
+        x_last,
+        &record,
+        cfg.sample.clip_denoised,
+        &mut noise,
+        &mut |_| pb.inc(1),
+    )?;
     pb.finish_and_clear();
     // Row i = sample i, column j = frame j.
-    let frames = Tensor::stack(&kept.iter().map(|(_, x)| x.to_device(Device::Cpu)).collect::<Vec<_>>(), 1);
+    let frames = Tensor::stack(
+        &kept
+            .iter()
+            .map(|(_, x)| x.to_device(Device::Cpu))
+            .collect::<Vec<_>>(),
+        1,
+    );
     let s = frames.size();
-    save_grid(&frames.reshape([s[0] * s[1], s[2], s[3], s[4]]), a.frames, &a.model.out)?;
+    save_grid(
+        &frames.reshape([s[0] * s[1], s[2], s[3], s[4]]),
+        a.frames,
+        &a.model.out,
+    )?;
     tracing::info!(path = %a.model.out.display(), steps = ?record, "wrote progressive grid");
     Ok(())
 }
@@ -229,20 +282,42 @@ pub struct InterpolateArgs {
 /// Runs `ddpm interpolate`.
 pub fn run_interpolate(a: InterpolateArgs) -> Result<()> {
     let (cfg, dev, net, d) = open(&a.model)?;
-    anyhow::ensure!(a.lambdas >= 2, "--lambdas: expected >= 2, got {}", a.lambdas);
+    anyhow::ensure!(
+        a.lambdas >= 2,
+        "--lambdas: expected >= 2, got {}",
+        a.lambdas
+    );
     let (r, c) = (cfg.data.resolution, cfg.data.channels);
     let xa = load_image(&a.a, r, c)?.to_device(dev);
     let xb = load_image(&a.b, r, c)?.to_device(dev);
-    let lambdas: Vec<f64> = (0..a.lambdas).map(|i| i as f64 / (a.lambdas - 1) as f64).collect();
+    let lambdas: Vec<f64> = (0..a.lambdas)
+        .map(|i| i as f64 / (a.lambdas - 1) as f64)
+        .collect();
     let pb = progress(a.t.max(0) as u64, "interpolate");
     let mut model = |x: &Tensor, t: &Tensor| net.forward_t(x, t, false);
     let mut noise = |s: &[i64]| Tensor::randn(s, (Kind::Float, dev));
     let x = d
-        .interpolate(&mut model, &xa, &xb, a.t, &lambdas, cfg.sample.clip_denoised, &mut noise, &mut |_| pb.inc(1))
+        .interpolate(
+            &mut model,
+            &xa,
+            &xb,
+            a.t,
+            &lambdas,
+            cfg.sample.clip_denoised,
+            &mut noise,
+            &mut |_| pb.inc(1),
+        )
         .context("--t")?;
     pb.finish_and_clear();
     // Source images at both ends of the row.
-    let row = Tensor::cat(&[xa.to_device(Device::Cpu), x.to_device(Device::Cpu), xb.to_device(Device::Cpu)], 0);
+    let row = Tensor::cat(
+        &[
+            xa.to_device(Device::Cpu),
+            x.to_device(Device::Cpu),
+            xb.to_device(Device::Cpu),
+        ],
+        0,
+    );
     save_grid(&row, a.lambdas + 2, &a.model.out)?;
     tracing::info!(path = %a.model.out.display(), t = a.t, "wrote interpolation row (a, lambdas..., b)");
     Ok(())

@@ -39,16 +39,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
         anyhow::ensure!(s >= 1, "--steps: expected >= 1, got {s}");
         cfg.train.total_steps = s;
     }
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
     let dev = device(&a.device)?;
-    let data = ddpm_data::open_source(&cfg.data).with_context(|| format!("loading data.source {:?} of {}", cfg.data.source, a.config.display()))?;
+    let data = ddpm_data::open_source(&cfg.data).with_context(|| {
+        format!(
+            "loading data.source {:?} of {}",
+            cfg.data.source,
+            a.config.display()
+        )
+    })?;
     tracing::info!(images = data.len(), source = %cfg.data.source, "dataset loaded");
     let mut trainer = Trainer::new(&cfg, dev)?;
     let (vs, _) = trainer.model();
     tracing::info!(parameters = ddpm_unet::parameter_count(vs), device = ?dev, steps = cfg.train.total_steps, "training");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let log_path = out.join("train_log.jsonl");
-    let mut log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
 
     let total = cfg.train.total_steps;
     let batch = cfg.train.batch_size as usize;
@@ -68,12 +78,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let loss = stats.loss.double_value(&[]);
             let gnorm = stats.grad_norm.double_value(&[]);
             let ips = window_images as f64 / window_start.elapsed().as_secs_f64();
-            anyhow::ensure!(loss.is_finite(), "step {done}: the loss is {loss}; stopping (lower train.lr?)");
+            anyhow::ensure!(
+                loss.is_finite(),
+                "step {done}: the loss is {loss}; stopping (lower train.lr?)"
+            );
             pb.set_message(format!("train loss {loss:.4}"));
             let line = serde_json::json!({"step": done, "loss": loss, "grad_norm": gnorm, "lr": stats.lr,
                 "images_per_second": ips, "epoch": cursor.epoch});
             writeln!(log, "{line}")?;
-            pb.suspend(|| tracing::info!(step = done, loss, grad_norm = gnorm, lr = stats.lr, images_per_second = ips, "progress"));
+            pb.suspend(|| {
+                tracing::info!(
+                    step = done,
+                    loss,
+                    grad_norm = gnorm,
+                    lr = stats.lr,
+                    images_per_second = ips,
+                    "progress"
+                )
+            });
             window_start = Instant::now();
             window_images = 0;
         }
