@@ -19,6 +19,8 @@
 #   QUIET_BUSY   before each process, wait until the machine's CPU use over 1 s is below this
 #                share (other jobs make 2-thread OpenMP numbers meaningless)  (default 0.25)
 #   QUIET_MAX_WAIT  give up waiting after this many seconds and run anyway   (default 60)
+#   MAX_OTHER    the summary uses only rounds in which other processes took at most this share
+#                of the machine during both timed loops (all rounds if none)  (default 0.10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -122,36 +124,41 @@ for model in $MODELS; do
 done
 
 echo >&2
-"$PYTHON" - "$RESULTS" <<'EOF'
+"$PYTHON" - "$RESULTS" "${MAX_OTHER:-0.10}" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+max_other = float(sys.argv[2])
 keys = []
 for r in rows:
     k = (r["config"], r["bench"])
     if k not in keys:
         keys.append(k)
-def side(k, impl):
-    return [r for r in rows if (r["config"], r["bench"]) == k and r["impl"] == impl]
-print(f"threads={rows[0]['threads']}  (s/step: median over all timed steps of all rounds; "
-      "ratio range: min-max of per-round median ratios; max other CPU: the largest share of "
-      "the machine other processes used during a timed loop)")
+def quiet(r):
+    return (r.get("other_cpu_frac") or 0.0) <= max_other
+print(f"threads={rows[0]['threads']}. s/step: median over all timed steps of the quiet rounds "
+      f"(rounds in which other processes used <= {max_other:.0%} of the machine on both sides; "
+      "all rounds if none was quiet). ratio range: min-max over those rounds of "
+      "ours median / PyTorch median. RSS: peak (VmHWM) over all rounds.")
 hdr = ("model", "benchmark", "batch", "ours s/step", "PyTorch s/step", "ratio ours/PT",
-       "ratio range", "ours RSS MiB", "PT RSS MiB", "rounds", "max other CPU")
+       "ratio range", "ours RSS MiB", "PT RSS MiB", "quiet rounds")
 print("| " + " | ".join(hdr) + " |")
 print("|" + "|".join("---" for _ in hdr) + "|")
 for k in keys:
-    o, p = side(k, "ours"), side(k, "pytorch")
-    if not o or not p:
+    o = [r for r in rows if (r["config"], r["bench"]) == k and r["impl"] == "ours"]
+    p = [r for r in rows if (r["config"], r["bench"]) == k and r["impl"] == "pytorch"]
+    pairs = list(zip(o, p))  # one pair per round, in run order
+    if not pairs:
         continue
-    om = statistics.median([t for r in o for t in r["times_s"]])
-    pm = statistics.median([t for r in p for t in r["times_s"]])
-    per = [a["median_s"] / b["median_s"] for a, b in zip(o, p)]
+    used = [(a, b) for a, b in pairs if quiet(a) and quiet(b)] or pairs
+    om = statistics.median([t for a, _ in used for t in a["times_s"]])
+    pm = statistics.median([t for _, b in used for t in b["times_s"]])
+    per = [a["median_s"] / b["median_s"] for a, b in used]
+    nq = sum(1 for a, b in pairs if quiet(a) and quiet(b))
     print(f"| {k[0]} | {k[1]} | {o[0]['batch']} | {om:.4f} | {pm:.4f} | {om / pm:.2f} | "
           f"{min(per):.2f}-{max(per):.2f} | {max(r['peak_rss_mib'] for r in o):.0f} | "
-          f"{max(r['peak_rss_mib'] for r in p):.0f} | {min(len(o), len(p))} | "
-          f"{max((r.get('other_cpu_frac') or 0) for r in o + p):.0%} |")
+          f"{max(r['peak_rss_mib'] for r in p):.0f} | {nq}/{len(pairs)} |")
 for r in rows:
     if "phases_median_s" in r:
         ph = ", ".join(f"{a}={b:.4f}" for a, b in sorted(r["phases_median_s"].items()))
-        print(f"phases {r['impl']} {r['config']}: {ph}")
+        print(f"phases {r['impl']} {r['config']} (other CPU {r.get('other_cpu_frac') or 0:.0%}): {ph}")
 EOF

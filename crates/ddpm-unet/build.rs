@@ -1,11 +1,7 @@
-//! Adds an rpath to libtorch for this crate's tests and records where libtorch was at build
-//! time, so `--device cuda` can find libtorch_cuda.so next to the linked libtorch_cpu.so.
+//! Gives this crate's tests an rpath to libtorch (see ddpm-build) and records where libtorch
+//! was at build time, so `--device cuda` can find libtorch_cuda.so next to libtorch_cpu.so.
 fn main() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(dir) = std::env::var("LIBTORCH") {
-        let lib = std::path::Path::new(&dir).join("lib");
-        let lib = lib.canonicalize().unwrap_or(lib);
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if let Some(lib) = ddpm_build::link_libtorch_rpath() {
         println!("cargo:rustc-env=DDPM_LIBTORCH_LIB={}", lib.display());
     }
 }
