@@ -9,11 +9,11 @@ fields as `ddpm-bench`):
 * train-step:  random flip, t ~ U{0..T-1}, noise, forward, eps-MSE loss, zero_grad, backward,
                clip_grad_norm_(grad_clip), torch.optim.Adam (defaults otherwise), linear LR
                warmup, EMA via torch._foreach_lerp_.
-* sample-step: one ancestral step with one network (no EMA copy or optimizer state): forward under torch.no_grad() in eval
-               mode, x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) clipped to [-1, 1],
+* sample-step: one ancestral step with one network (no EMA copy or optimizer state): forward
+               under torch.no_grad() in eval mode, x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) clipped to [-1, 1],
                posterior mean, plus exp(0.5 log sigma^2) z (fixed-large or fixed-small variance).
 * train-phases: the training step timed in segments: forward + loss, backward, and the update
-               (clip, Adam, EMA), each also reported separately.
+               (clip, Adam, EMA), each also reported separately, with minor page faults.
 
 Usage:
     python bench/reference_unet.py train-step --config configs/cifar10.toml \
@@ -117,6 +117,15 @@ def cpu_ticks():
         return machine, int(rest[11]) + int(rest[12])
     except (OSError, IndexError, ValueError):
         return 0, 0
+
+
+def minor_faults():
+    """Minor page faults of this process so far (/proc/self/stat field 10), 0 if unreadable."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def time_steps(args, step):
@@ -276,25 +285,27 @@ def main():
         step = TrainStep(train, data, sched, model)
         names = ["forward_loss", "backward", "clip", "adam", "ema"]
         seg = {k: [] for k in names}
+        faults = {k: 0 for k in names}
         i = 0
 
         def one():
             nonlocal i
-            s0 = time.perf_counter()
+            marks = [(time.perf_counter(), minor_faults())]
             loss = step.forward_loss(x)
             loss.item()
-            s1 = time.perf_counter()
+            marks.append((time.perf_counter(), minor_faults()))
             step.backward(loss)
-            s2 = time.perf_counter()
+            marks.append((time.perf_counter(), minor_faults()))
             step.clip_grads()
-            s3 = time.perf_counter()
+            marks.append((time.perf_counter(), minor_faults()))
             step.adam()
-            s4 = time.perf_counter()
+            marks.append((time.perf_counter(), minor_faults()))
             step.ema_update()
-            s5 = time.perf_counter()
+            marks.append((time.perf_counter(), minor_faults()))
             if i >= args.warmup:
-                for k, a, b in zip(names, [s0, s1, s2, s3, s4], [s1, s2, s3, s4, s5]):
-                    seg[k].append(b - a)
+                for k, (t0, f0), (t1, f1) in zip(names, marks, marks[1:]):
+                    seg[k].append(t1 - t0)
+                    faults[k] += f1 - f0
             i += 1
 
         timing = time_steps(args, one)
@@ -304,6 +315,7 @@ def main():
             [a + b + c for a, b, c in zip(seg["clip"], seg["adam"], seg["ema"])]
         )
         med["full_step"] = statistics.median(timing[0])
+        out["minor_faults_per_step"] = {k: v // args.iters for k, v in faults.items()}
         out["phases_median_s"] = med
     print(json.dumps(out, sort_keys=True))
     sys.stdout.flush()

@@ -159,6 +159,10 @@ for k in keys:
           f"{max(r['peak_rss_mib'] for r in p):.0f} | {nq}/{len(pairs)} |")
 for r in rows:
     if "phases_median_s" in r:
-        ph = ", ".join(f"{a}={b:.4f}" for a, b in sorted(r["phases_median_s"].items()))
-        print(f"phases {r['impl']} {r['config']} (other CPU {r.get('other_cpu_frac') or 0:.0%}): {ph}")
+        print(f"train-phases {r['impl']} {r['config']} batch {r['batch']} "
+              f"(other CPU {r.get('other_cpu_frac') or 0:.0%}):")
+        for field, fmt in [("phases_median_s", "{:.4f}"), ("update_variants_median_s", "{:.4f}"),
+                           ("minor_faults_per_step", "{}")]:
+            if field in r:
+                print(f"  {field}: " + ", ".join(f"{a}=" + fmt.format(b) for a, b in r[field].items()))
 EOF

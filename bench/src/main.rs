@@ -7,10 +7,12 @@
 //! * `train-step`: [`ddpm_trainer::Trainer::step`] on one fixed random batch: random flip,
 //!   t ~ U{0..T-1}, noise, forward, eps-MSE loss, backward, global-norm clipping, Adam, EMA.
 //! * `sample-step`: one step of Algorithm 2 with one network (what a sampler holds; no
-//!   optimizer state): a forward pass in inference mode (no grad, no dropout) and [`ddpm_diffusion::GaussianDiffusion::p_sample`] (posterior
-//!   mean with clipped x_0, fixed variance, fresh noise).
-//! * `train-phases`: the same training step split into forward (+ loss), backward, and the
-//!   update (clip + Adam + EMA on the flat buffers), to see where the time goes.
+//!   optimizer state): a forward pass in inference mode (no grad, no dropout) and
+//!   [`ddpm_diffusion::GaussianDiffusion::p_sample`] (posterior mean with clipped x_0, fixed
+//!   variance, fresh noise).
+//! * `train-phases`: the training step split into forward (+ loss), backward, and the update
+//!   (clip + Adam + EMA), the update also evaluated in two alternative ways on replica flat
+//!   buffers, with minor page faults per phase, to see where the time goes.
 //! * `diffusers-config`: the diffusers `UNet2DModel` config.json equivalent to a config's
 //!   U-Net ([`ddpm_unet::weights::diffusers_config`]); the reference script builds from it.
 //!
@@ -268,14 +270,45 @@ fn sample_step(a: &RunArgs) -> Result<Value> {
     Ok(report("sample-step", a, &cfg, params, &timing))
 }
 
-/// Clipping, Adam and EMA exactly as `Trainer::step` does them on its flat buffers, on
-/// buffers of the same length (the trainer's own update is private).
+/// Minor page faults of this process so far (`/proc/self/stat` field 10), 0 if unreadable.
+fn minor_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().nth(7)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// How the update of [`UpdateReplica`] is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum UpdateKind {
+    /// Exactly the tensor expressions of `Trainer::step` / `Trainer::adam_update`, each over
+    /// the whole flat buffer (every temporary is a fresh buffer of the model's size).
+    Trainer,
+    /// The same math with in-place ops into one scratch buffer allocated once (as
+    /// torch.optim.Adam's single-tensor code, minus its per-step `denom` allocation), still
+    /// over the whole buffer: no page faults, but every op streams the buffers from memory.
+    InPlace,
+    /// The trainer's expressions applied chunk by chunk (CHUNK elements), so that
+    /// temporaries stay small and each chunk stays in cache across the ops.
+    Chunked,
+}
+
+/// Elements per chunk of [`UpdateKind::Chunked`] (1 MiB of f32).
+const CHUNK: i64 = 1 << 18;
+
+/// Clipping, Adam and EMA as `Trainer::step` does them on its flat buffers, on buffers of
+/// the same length (the trainer's own update is private), plus two alternative evaluations
+/// of the same math for comparison.
 struct UpdateReplica {
     params: Tensor,
     grads: Tensor,
     ema: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    scratch: Tensor,
     step: i32,
 }
 
@@ -287,13 +320,15 @@ impl UpdateReplica {
             ema: params.copy(),
             exp_avg: params.zeros_like(),
             exp_avg_sq: params.zeros_like(),
+            scratch: params.zeros_like(),
             params,
             step: 0,
         }
     }
 
-    fn run(&mut self, cfg: &Config) {
+    fn run(&mut self, cfg: &Config, kind: UpdateKind) {
         let t = &cfg.train;
+        let _guard = tch::no_grad_guard();
         let grad_norm = self.grads.norm();
         if t.grad_clip > 0.0 {
             let coef = (t.grad_clip / (&grad_norm + 1e-6)).clamp_max(1.0);
@@ -301,19 +336,59 @@ impl UpdateReplica {
         }
         let (b1, b2) = (t.adam_beta1, t.adam_beta2);
         self.step += 1;
-        let n = self.step;
-        tch::no_grad(|| {
-            let g = &self.grads;
-            let _ = self.exp_avg.lerp_(g, 1.0 - b1);
-            let _ = self.exp_avg_sq.g_mul_scalar_(b2);
-            let _ = self.exp_avg_sq.addcmul_(&(g * (1.0 - b2)), g);
-            let bias1 = 1.0 - b1.powi(n);
-            let bias2 = 1.0 - b2.powi(n);
-            let denom = self.exp_avg_sq.sqrt() / bias2.sqrt() + t.adam_eps;
-            let update = (&self.exp_avg / denom) * (t.lr / bias1);
-            let _ = self.params.g_sub_(&update);
-        });
-        let _ = self.ema.lerp_(&self.params, 1.0 - t.ema_decay);
+        let bias1 = 1.0 - b1.powi(self.step);
+        let bias2 = 1.0 - b2.powi(self.step);
+        let ema_weight = 1.0 - t.ema_decay;
+        let adam = |p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, e: &mut Tensor| {
+            let _ = m.lerp_(g, 1.0 - b1);
+            let _ = v.g_mul_scalar_(b2);
+            let _ = v.addcmul_(&(g * (1.0 - b2)), g);
+            let denom = v.sqrt() / bias2.sqrt() + t.adam_eps;
+            let update = (&*m / denom) * (t.lr / bias1);
+            let _ = p.g_sub_(&update);
+            let _ = e.lerp_(p, ema_weight);
+        };
+        match kind {
+            UpdateKind::Trainer => adam(
+                &mut self.params,
+                &self.grads,
+                &mut self.exp_avg,
+                &mut self.exp_avg_sq,
+                &mut self.ema,
+            ),
+            UpdateKind::InPlace => {
+                let g = &self.grads;
+                let _ = self.exp_avg.lerp_(g, 1.0 - b1);
+                let _ = self.exp_avg_sq.g_mul_scalar_(b2);
+                let denom = &mut self.scratch;
+                denom.copy_(g);
+                let _ = denom.g_mul_scalar_(1.0 - b2);
+                let _ = self.exp_avg_sq.addcmul_(denom, g);
+                denom.copy_(&self.exp_avg_sq);
+                let _ = denom.sqrt_();
+                let _ = denom.g_div_scalar_(bias2.sqrt());
+                let _ = denom.g_add_scalar_(t.adam_eps);
+                let _ = denom.g_mul_scalar_(-bias1 / t.lr);
+                let _ = self.params.addcdiv_(&self.exp_avg, denom);
+                let _ = self.ema.lerp_(&self.params, ema_weight);
+            }
+            UpdateKind::Chunked => {
+                let n = self.params.numel() as i64;
+                let mut off = 0;
+                while off < n {
+                    let len = CHUNK.min(n - off);
+                    let c = |x: &Tensor| x.narrow(0, off, len);
+                    adam(
+                        &mut c(&self.params),
+                        &c(&self.grads),
+                        &mut c(&self.exp_avg),
+                        &mut c(&self.exp_avg_sq),
+                        &mut c(&self.ema),
+                    );
+                    off += len;
+                }
+            }
+        }
     }
 }
 
@@ -324,14 +399,22 @@ fn train_phases(a: &RunArgs) -> Result<Value> {
     let numel = trainer.flat().0.params.numel() as i64;
     let b = cfg.train.batch_size;
     let mut replica = UpdateReplica::new(numel);
-    let (mut fwd, mut bwd, mut upd) = (vec![], vec![], vec![]);
+    let kinds = [
+        UpdateKind::Trainer,
+        UpdateKind::InPlace,
+        UpdateKind::Chunked,
+    ];
+    let (mut fwd, mut bwd, mut full) = (vec![], vec![], vec![]);
+    let mut upd: Vec<Vec<f64>> = vec![vec![]; kinds.len()];
+    let mut faults = [0u64; 3]; // forward, backward, full step
+    let mut upd_faults = [0u64; 3];
     let mut i = 0;
     let timing = time_steps(a, || {
         // Forward + loss and backward with the trainer's own network (gradients land in its
-        // flat buffer, which its next step zeroes), the update replica, then a full step
-        // (the timed quantity of the run).
+        // flat buffer, which its next step zeroes), the update replicas, then a full step.
         let (_, net) = trainer.model();
         let diffusion = trainer.diffusion();
+        let f0 = minor_faults();
         let s0 = Instant::now();
         let flip = Tensor::rand([b], (Kind::Float, Device::Cpu))
             .lt(0.5)
@@ -343,36 +426,111 @@ fn train_phases(a: &RunArgs) -> Result<Value> {
             .training_losses(|x, t| net.forward_t(x, t, true), &x, &t, &noise)
             .mean(Kind::Float);
         let _ = loss.double_value(&[]);
-        let s1 = Instant::now();
+        let (s1, f1) = (Instant::now(), minor_faults());
         loss.backward();
-        let s2 = Instant::now();
-        replica.run(&cfg);
-        let _ = replica.params.double_value(&[0]);
-        let s3 = Instant::now();
-        if i >= a.warmup {
-            fwd.push((s1 - s0).as_secs_f64());
-            bwd.push((s2 - s1).as_secs_f64());
-            upd.push((s3 - s2).as_secs_f64());
-        }
+        let (s2, f2) = (Instant::now(), minor_faults());
+        drop(loss);
+        let keep = i >= a.warmup;
         i += 1;
+        for (k, kind) in kinds.iter().enumerate() {
+            let (u0, g0) = (Instant::now(), minor_faults());
+            replica.run(&cfg, *kind);
+            let _ = replica.params.double_value(&[0]);
+            if keep {
+                upd[k].push(u0.elapsed().as_secs_f64());
+                upd_faults[k] += minor_faults() - g0;
+            }
+        }
+        let (s4, f4) = (Instant::now(), minor_faults());
         let stats = trainer.step(&x0)?;
         let _ = stats.loss.double_value(&[]);
+        let f5 = minor_faults();
+        if keep {
+            fwd.push((s1 - s0).as_secs_f64());
+            bwd.push((s2 - s1).as_secs_f64());
+            full.push(s4.elapsed().as_secs_f64());
+            for (acc, d) in faults.iter_mut().zip([f1 - f0, f2 - f1, f5 - f4]) {
+                *acc += d;
+            }
+        }
         Ok(())
     })?;
-    // time_steps times the whole closure; the full step alone is the remainder.
-    let full: Vec<f64> = (0..timing.times.len())
-        .map(|k| timing.times[k] - fwd[k] - bwd[k] - upd[k])
-        .collect();
     let timing = Timing {
         times: full,
         other_cpu_frac: timing.other_cpu_frac,
     };
+    let iters = a.iters as u64;
     let mut v = report("train-phases", a, &cfg, params, &timing);
     v["phases_median_s"] = json!({
         "forward_loss": median(&fwd),
         "backward": median(&bwd),
-        "update_clip_adam_ema": median(&upd),
+        "update_clip_adam_ema": median(&upd[0]),
         "full_step": median(&timing.times),
     });
+    v["update_variants_median_s"] = json!({
+        "trainer_exprs_whole_buffer": median(&upd[0]),
+        "inplace_scratch_whole_buffer": median(&upd[1]),
+        "trainer_exprs_chunked_1mib": median(&upd[2]),
+    });
+    v["minor_faults_per_step"] = json!({
+        "forward_loss": faults[0] / iters,
+        "backward": faults[1] / iters,
+        "full_step": faults[2] / iters,
+        "update_trainer_exprs_whole_buffer": upd_faults[0] / iters,
+        "update_inplace_scratch_whole_buffer": upd_faults[1] / iters,
+        "update_trainer_exprs_chunked_1mib": upd_faults[2] / iters,
+    });
+    v["note"] = json!(
+        "peak_rss_mib includes a second set of flat buffers (the update replica); \
+         use train-step for memory"
+    );
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(numel: i64) -> UpdateReplica {
+        tch::manual_seed(3);
+        UpdateReplica::new(numel)
+    }
+
+    #[test]
+    fn update_variants_agree() {
+        let cfg = Config::parse(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../configs/cifar10.toml"
+            ))
+            .expect("config"),
+            "cifar10",
+        )
+        .expect("valid config");
+        let n = 3 * CHUNK + 17;
+        let mut want = replica(n);
+        let mut inplace = replica(n);
+        let mut chunked = replica(n);
+        for _ in 0..3 {
+            want.run(&cfg, UpdateKind::Trainer);
+            inplace.run(&cfg, UpdateKind::InPlace);
+            chunked.run(&cfg, UpdateKind::Chunked);
+        }
+        for other in [&inplace, &chunked] {
+            for (a, b) in [
+                (&want.params, &other.params),
+                (&want.ema, &other.ema),
+                (&want.exp_avg_sq, &other.exp_avg_sq),
+            ] {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "variants differ by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
 }
