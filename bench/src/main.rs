@@ -284,20 +284,22 @@ fn minor_faults() -> u64 {
 /// How the update of [`UpdateReplica`] is evaluated.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum UpdateKind {
-    /// Exactly the tensor expressions of `Trainer::step` / `Trainer::adam_update`, each over
-    /// the whole flat buffer (every temporary is a fresh buffer of the model's size).
-    Trainer,
+    /// The trainer's update expressions, each over the whole flat buffer (every temporary
+    /// is a fresh buffer of the model's size): what `Trainer::adam_update` did on CPU before
+    /// it switched to slices; on CUDA it still works this way.
+    WholeBuffer,
     /// The same math with in-place ops into one scratch buffer allocated once (as
     /// torch.optim.Adam's single-tensor code, minus its per-step `denom` allocation), still
     /// over the whole buffer: no page faults, but every op streams the buffers from memory.
     InPlace,
     /// The trainer's expressions applied chunk by chunk (CHUNK elements), so that
-    /// temporaries stay small and each chunk stays in cache across the ops.
+    /// temporaries stay small and each chunk stays in cache across the ops: what
+    /// `Trainer::adam_update` now does on CPU.
     Chunked,
 }
 
-/// Elements per chunk of [`UpdateKind::Chunked`] (1 MiB of f32).
-const CHUNK: i64 = 1 << 18;
+/// Elements per chunk of [`UpdateKind::Chunked`]: the trainer's own slice size.
+const CHUNK: i64 = ddpm_trainer::CPU_UPDATE_SLICE;
 
 /// Clipping, Adam and EMA as `Trainer::step` does them on its flat buffers, on buffers of
 /// the same length (the trainer's own update is private), plus two alternative evaluations
@@ -349,7 +351,7 @@ impl UpdateReplica {
             let _ = e.lerp_(p, ema_weight);
         };
         match kind {
-            UpdateKind::Trainer => adam(
+            UpdateKind::WholeBuffer => adam(
                 &mut self.params,
                 &self.grads,
                 &mut self.exp_avg,
@@ -400,7 +402,7 @@ fn train_phases(a: &RunArgs) -> Result<Value> {
     let b = cfg.train.batch_size;
     let mut replica = UpdateReplica::new(numel);
     let kinds = [
-        UpdateKind::Trainer,
+        UpdateKind::WholeBuffer,
         UpdateKind::InPlace,
         UpdateKind::Chunked,
     ];
@@ -512,7 +514,7 @@ mod tests {
         let mut inplace = replica(n);
         let mut chunked = replica(n);
         for _ in 0..3 {
-            want.run(&cfg, UpdateKind::Trainer);
+            want.run(&cfg, UpdateKind::WholeBuffer);
             inplace.run(&cfg, UpdateKind::InPlace);
             chunked.run(&cfg, UpdateKind::Chunked);
         }

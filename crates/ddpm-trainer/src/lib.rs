@@ -11,7 +11,7 @@ mod model_io;
 mod trainer;
 
 pub use model_io::{load_model, save_weights_dir};
-pub use trainer::{StepStats, Trainer};
+pub use trainer::{StepStats, Trainer, CPU_UPDATE_SLICE};
 
 /// Errors raised by the trainer.
 #[derive(Debug, thiserror::Error)]
