@@ -36,9 +36,11 @@ lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-## test: lint, then every test of the workspace
+## test: lint, then every test of the workspace, then one summary line over all test binaries
 test: lint
-	$(CARGO) test --workspace --locked
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
 
 fmt:
 	$(CARGO) fmt --all
