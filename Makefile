@@ -39,8 +39,10 @@ lint: libtorch
 ## test: lint, then every test of the workspace, then one summary line over all test binaries
 test: lint
 	@mkdir -p target
-	set -o pipefail; $(CARGO) test --workspace --locked 2>&1 | tee target/test-output.log
-	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
+	@set -o pipefail; status=0; \
+	$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.log || status=$$?; \
+	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log; \
+	exit $$status
 
 fmt:
 	$(CARGO) fmt --all

@@ -466,7 +466,7 @@ fn train_phases(a: &RunArgs) -> Result<Value> {
     v["phases_median_s"] = json!({
         "forward_loss": median(&fwd),
         "backward": median(&bwd),
-        "update_clip_adam_ema": median(&upd[0]),
+        "update_clip_adam_ema": median(&upd[2]),
         "full_step": median(&timing.times),
     });
     v["update_variants_median_s"] = json!({

@@ -24,7 +24,7 @@ enum Command {
     Sample(commands::sample::SampleArgs),
     /// Progressive generation: the predicted x_0 at evenly spaced steps (the paper's Fig. 6).
     Progressive(commands::sample::ProgressiveArgs),
-    /// Interpolate two images in latent space (Sec. 6, Fig. 8).
+    /// Interpolate two images in latent space (Sec. 4.4, Fig. 8).
     Interpolate(commands::sample::InterpolateArgs),
     /// Negative log-likelihood in bits/dim (the variational bound over all T terms + prior).
     Nll(commands::nll::NllArgs),

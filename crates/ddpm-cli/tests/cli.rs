@@ -283,6 +283,61 @@ fn progressive_interpolate_and_nll_run_on_the_trained_model() {
         &out("q.png"),
     ]);
     assert!(s.root.join("q.png").exists());
+    let err = fails(&[
+        "progressive",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--frames",
+        "41",
+        "--out",
+        &out("r.png"),
+    ]);
+    assert!(err.contains("--frames: expected 2..=40"), "{err}");
+    let err = fails(&[
+        "sample",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--sampler",
+        "ddim",
+        "--steps",
+        "41",
+        "--out",
+        &out("r.png"),
+    ]);
+    assert!(
+        err.contains("--steps: DDIM steps must be in 1..=40"),
+        "{err}"
+    );
+    let err = fails(&[
+        "sample",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--eta=-1",
+        "--out",
+        &out("r.png"),
+    ]);
+    assert!(
+        err.contains("--eta: expected a number >= 0, got -1"),
+        "{err}"
+    );
+    let err = fails(&[
+        "sample",
+        "--config",
+        &s.config,
+        "--weights",
+        &s.weights,
+        "--n",
+        "0",
+        "--out",
+        &out("r.png"),
+    ]);
+    assert!(err.contains("--n: expected >= 1, got 0"), "{err}");
     let img = image::open(s.root.join("p.png")).unwrap();
     assert_eq!((img.width(), img.height()), (5 * 18 + 2, 2 * 18 + 2));
 

@@ -43,6 +43,7 @@ fn invalid_values_name_their_key() {
             "diffusion.loss_type",
         ),
         ("[train]\nlr = -1.0\n", "train.lr"),
+        ("[train]\nadam_beta2 = 1.0\n", "train.adam_beta2"),
         ("[train]\nema_decay = 1.0\n", "train.ema_decay"),
         ("[sample]\nsteps = 0\n", "sample.steps"),
         ("[run]\nname = \"../x\"\n", "run.name"),

@@ -54,7 +54,7 @@ pub struct DataConfig {
     /// Image channels (3 for RGB, 1 for grey).
     pub channels: i64,
     /// Zero-pad (in [-1,1] space: pad with -1, i.e. black) this many pixels on each side
-    /// before use; Fashion-MNIST 28x28 + 2 = 32x32.
+    /// before use; Fashion-MNIST 28x28 + 2x2 = 32x32.
     pub pad: i64,
     /// Random horizontal flips with p = 0.5.
     pub random_flip: bool,
@@ -205,7 +205,8 @@ pub struct TrainConfig {
     pub total_steps: i64,
     /// Log the loss every this many steps.
     pub log_every: i64,
-    /// Write a weight snapshot every this many steps (0: only at the end).
+    /// Write a weight snapshot every this many steps (0: only at the end); each snapshot
+    /// replaces the previous one in `run.out_dir`.
     pub snapshot_every: i64,
     /// Intra-op CPU threads (0: libtorch's default).
     pub threads: i64,

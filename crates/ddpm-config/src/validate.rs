@@ -138,8 +138,17 @@ impl Config {
         finite_in("train.adam_beta1", t.adam_beta1, 0.0, 1.0, false)?;
         finite_in("train.adam_beta2", t.adam_beta2, 0.0, 1.0, false)?;
         finite_in("train.adam_eps", t.adam_eps, 0.0, 1.0, true)?;
-        if t.adam_beta1 >= 1.0 || t.adam_beta2 >= 1.0 {
-            return fail("train.adam_beta1", "Adam betas must be < 1");
+        if t.adam_beta1 >= 1.0 {
+            return fail(
+                "train.adam_beta1",
+                format!("expected a value < 1, got {}", t.adam_beta1),
+            );
+        }
+        if t.adam_beta2 >= 1.0 {
+            return fail(
+                "train.adam_beta2",
+                format!("expected a value < 1, got {}", t.adam_beta2),
+            );
         }
         if t.warmup_steps < 0 {
             return fail(

@@ -19,29 +19,54 @@ pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
 }
 
 /// Position in the stream of epochs: `(epoch, position within the epoch's permutation)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The current epoch's permutation is cached, so a batch costs O(batch).
+#[derive(Debug, Clone, Default)]
 pub struct Cursor {
     /// Current epoch (0-based).
     pub epoch: u64,
     /// Samples of the current epoch already handed out.
     pub position: u64,
+    /// (n, seed, epoch) and the permutation they give.
+    cached: Option<((usize, u64, u64), Vec<u32>)>,
+}
+
+impl PartialEq for Cursor {
+    fn eq(&self, other: &Self) -> bool {
+        (self.epoch, self.position) == (other.epoch, other.position)
+    }
 }
 
 impl Cursor {
+    /// A cursor at `position` within `epoch`.
+    pub fn at(epoch: u64, position: u64) -> Self {
+        Self {
+            epoch,
+            position,
+            cached: None,
+        }
+    }
+
+    fn permutation(&mut self, n: usize, seed: u64) -> &[u32] {
+        let key = (n, seed, self.epoch);
+        if self.cached.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.cached = Some((key, epoch_permutation(n, seed, self.epoch)));
+        }
+        &self.cached.as_ref().expect("just filled").1
+    }
+
     /// Takes the next `batch` sample indices of a dataset of `n` samples, continuing into the
     /// next epoch's permutation when the current one runs out.
     pub fn next_batch(&mut self, n: usize, batch: usize, seed: u64) -> Vec<u32> {
         assert!(n > 0, "cannot draw batches from an empty dataset");
         let mut out = Vec::with_capacity(batch);
-        let mut perm = epoch_permutation(n, seed, self.epoch);
         while out.len() < batch {
             if self.position as usize >= n {
                 self.epoch += 1;
                 self.position = 0;
-                perm = epoch_permutation(n, seed, self.epoch);
             }
             let take = (batch - out.len()).min(n - self.position as usize);
             let start = self.position as usize;
+            let perm = self.permutation(n, seed);
             out.extend_from_slice(&perm[start..start + take]);
             self.position += take as u64;
         }
@@ -78,12 +103,9 @@ mod tests {
             ep.sort();
             assert_eq!(ep, (0..n as u32).collect::<Vec<_>>());
         }
-        assert_eq!(
-            c,
-            Cursor {
-                epoch: 2,
-                position: 1
-            }
-        );
+        assert_eq!(c, Cursor::at(2, 1));
+        // A cursor rebuilt at a position continues identically.
+        let mut d = Cursor::at(2, 1);
+        assert_eq!(d.next_batch(n, 4, 1), c.next_batch(n, 4, 1));
     }
 }

@@ -12,11 +12,11 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
-    /// Wraps a uint8 tensor `[N, C, H, W]`.
-    pub fn from_uint8(images: Tensor) -> Result<Self> {
+    /// Wraps a uint8 tensor `[N, C, H, W]`; `origin` names it in errors.
+    pub fn from_uint8(images: Tensor, origin: &str) -> Result<Self> {
         if images.kind() != Kind::Uint8 || images.dim() != 4 || images.size()[0] == 0 {
             return Err(DataError::Format {
-                path: "<tensor>".into(),
+                path: origin.into(),
                 reason: format!(
                     "expected a non-empty uint8 [N, C, H, W] tensor, got {:?} {:?}",
                     images.kind(),
@@ -83,14 +83,15 @@ pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
             let dims: Vec<i64> = a.dims.iter().map(|&d| d as i64).collect();
             Tensor::from_slice(&a.data).view([dims[0], 1, dims[1], dims[2]])
         }
-        "cifar10" => {
-            let c = crate::cifar10::read(Path::new(path), crate::cifar10::Split::Train)?;
+        "cifar10" | "cifar10-test" => {
+            let split = if kind == "cifar10" { crate::cifar10::Split::Train } else { crate::cifar10::Split::Test };
+            let c = crate::cifar10::read(Path::new(path), split)?;
             let n = c.labels.len() as i64;
             Tensor::from_slice(&c.pixels).view([n, 3, 32, 32])
         }
         other => {
             return Err(src_err(format!(
-                "dataset kind `{other}` is not readable by this version (supported: idx, cifar10)"
+                "dataset kind `{other}` is not readable by this version (supported: idx, cifar10, cifar10-test)"
             )))
         }
     };
@@ -115,5 +116,5 @@ pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
             cfg.pad, cfg.resolution
         )));
     }
-    ImageSet::from_uint8(images)
+    ImageSet::from_uint8(images, path)
 }

@@ -1,7 +1,7 @@
 //! The forward process q, its posterior, and the model's reverse distribution p_theta.
 
 use crate::schedule::Schedule;
-use crate::{DiffusionError, Result};
+use crate::Result;
 use ddpm_config::{DiffusionConfig, LossKind, MeanType, VarType};
 use tch::{Device, Kind, Tensor};
 
@@ -118,22 +118,6 @@ impl GaussianDiffusion {
             .to_kind(like.kind())
             .to_device(like.device())
             .view(shape.as_slice())
-    }
-
-    /// Checks that every timestep is in [0, T).
-    pub fn check_timesteps(&self, t: &Tensor) -> Result<()> {
-        let n = self.num_timesteps();
-        if t.numel() > 0 {
-            let lo = t.min().int64_value(&[]);
-            let hi = t.max().int64_value(&[]);
-            if lo < 0 || hi >= n {
-                return Err(DiffusionError::InvalidArgument {
-                    name: "t",
-                    reason: format!("timesteps must be in [0, {n}), got [{lo}, {hi}]"),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Mean, variance and log variance of q(x_t | x_0).

@@ -182,7 +182,7 @@ impl GaussianDiffusion {
         Ok(x)
     }
 
-    /// Interpolation in latent space (Sec. 6): encodes `x_a` and `x_b` (each `[1, C, H, W]`)
+    /// Interpolation in latent space (Sec. 4.4, Fig. 8): encodes `x_a` and `x_b` (each `[1, C, H, W]`)
     /// to step `t` (1..=T) with q, mixes `(1 - lambda) x_t + lambda x'_t` for every lambda,
     /// and decodes the mixtures with the reverse process from `t`. The reverse-process noise
     /// is shared across lambdas, so the rows differ only through the mixture.

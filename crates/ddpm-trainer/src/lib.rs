@@ -22,9 +22,6 @@ pub enum TrainError {
     /// The diffusion process rejected an argument.
     #[error(transparent)]
     Diffusion(#[from] ddpm_diffusion::DiffusionError),
-    /// Data could not be read.
-    #[error(transparent)]
-    Data(#[from] ddpm_data::DataError),
     /// File I/O.
     #[error("{path}")]
     Io {

@@ -182,7 +182,7 @@ impl Trainer {
 
     /// The libtorch seed of update number `step` (0-based). Each step reseeds the generator
     /// from (run seed, step), so the flips, timesteps, noise and dropout of a step depend only
-    /// on those two numbers: a resumed run draws exactly what an uninterrupted one would.
+    /// on those two numbers: resuming at step k needs no generator state, only k.
     pub fn step_seed(&self, step: i64) -> i64 {
         // SplitMix64 finaliser over (seed, step): well-mixed, cheap, stable across versions.
         let mut z = self.config.run.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);

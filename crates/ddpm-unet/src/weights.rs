@@ -420,24 +420,41 @@ pub fn config_from_diffusers(v: &Value, origin: &str) -> Result<UNetConfig> {
     if (eps - 1e-6).abs() > 1e-12 {
         return Err(err("norm_eps", format!("expected 1e-6, got {eps}")));
     }
+    expect("add_attention", json!(true), json!(true))?;
+    expect("downsample_type", json!("conv"), json!("conv"))?;
+    expect("upsample_type", json!("conv"), json!("conv"))?;
+    for key in ["time_embedding_dim", "class_embed_type", "num_class_embeds"] {
+        expect(key, Value::Null, Value::Null)?;
+    }
     let block_out: Vec<i64> = v
         .get("block_out_channels")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_i64).collect())
-        .ok_or_else(|| err("block_out_channels", "expected a list of integers".into()))?;
-    let Some(&ch) = block_out.first() else {
-        return Err(err(
-            "block_out_channels",
-            "expected at least one level".into(),
-        ));
-    };
+        .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>())
+        .filter(|b| !b.is_empty() && b.iter().all(|&c| c > 0))
+        .ok_or_else(|| {
+            err(
+                "block_out_channels",
+                "expected a non-empty list of positive integers".into(),
+            )
+        })?;
+    let ch = block_out[0];
     if block_out.iter().any(|b| b % ch != 0) {
         return Err(err(
             "block_out_channels",
             format!("{block_out:?} are not multiples of the first entry"),
         ));
     }
-    let head = v.get("attention_head_dim").cloned().unwrap_or(Value::Null);
+    // diffusers' UNet2DModel defaults attention_head_dim to 8 (several heads); the paper's
+    // attention has one head, which diffusers spells null or the block's channel count.
+    let head = v.get("attention_head_dim").cloned().unwrap_or(json!(8));
+    let one_head = |channels: i64| head.is_null() || head.as_i64() == Some(channels);
+    let mid_channels = *block_out.last().expect("non-empty");
+    if !one_head(mid_channels) {
+        return Err(err(
+            "attention_head_dim",
+            format!("expected null (one head), got {head}"),
+        ));
+    }
     let resolution = int("sample_size")?;
     let names = |key: &str| -> Result<Vec<String>> {
         v.get(key)
@@ -490,7 +507,7 @@ pub fn config_from_diffusers(v: &Value, origin: &str) -> Result<UNetConfig> {
         }
         if has {
             attn.push(res);
-            if !(head.is_null() || head.as_i64() == Some(block_out[i])) {
+            if !one_head(block_out[i]) {
                 return Err(err(
                     "attention_head_dim",
                     format!("expected null (one head), got {head}"),

@@ -189,9 +189,24 @@ fn unsupported_diffusers_configs_are_rejected_by_key() {
     let path = fixture_path("unet_small_config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    json["flip_sin_to_cos"] = serde_json::json!(true);
-    let err = weights::config_from_diffusers(&json, "cfg.json")
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("cfg.json: flip_sin_to_cos"), "{err}");
+    let reject = |j: &serde_json::Value, key: &str| {
+        let err = weights::config_from_diffusers(j, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("cfg.json: {key}")), "{err}");
+    };
+    let mut flipped = json.clone();
+    flipped["flip_sin_to_cos"] = serde_json::json!(true);
+    reject(&flipped, "flip_sin_to_cos");
+    // Without the key, diffusers uses 8-dimensional heads: not the paper's single head.
+    json.as_object_mut().unwrap().remove("attention_head_dim");
+    reject(&json, "attention_head_dim");
+    json["attention_head_dim"] = serde_json::json!(32);
+    reject(&json, "attention_head_dim");
+    json["attention_head_dim"] = serde_json::Value::Null;
+    json["add_attention"] = serde_json::json!(false);
+    reject(&json, "add_attention");
+    json["add_attention"] = serde_json::json!(true);
+    json["block_out_channels"] = serde_json::json!([32, "x"]);
+    reject(&json, "block_out_channels");
 }

@@ -82,10 +82,9 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             std::fs::create_dir_all(&a.output)
                 .with_context(|| format!("creating {}", a.output.display()))?;
             let json = weights::diffusers_config(&ucfg)?;
-            std::fs::write(
-                a.output.join("config.json"),
-                serde_json::to_string_pretty(&json)? + "\n",
-            )?;
+            let cfg_out = a.output.join("config.json");
+            std::fs::write(&cfg_out, serde_json::to_string_pretty(&json)? + "\n")
+                .with_context(|| format!("writing {}", cfg_out.display()))?;
             weights::save(
                 &vs,
                 ucfg.levels(),

@@ -138,29 +138,51 @@ fn open(m: &ModelArgs) -> Result<(Config, Device, UNet, GaussianDiffusion)> {
     Ok((cfg, dev, net, d))
 }
 
-fn grid_cols(n: i64) -> i64 {
+/// Columns of a roughly square grid of `n` images.
+pub fn grid_cols(n: i64) -> i64 {
     (n as f64).sqrt().ceil() as i64
+}
+
+fn sampler_of(arg: Option<SamplerArg>, cfg: &Config) -> SamplerKind {
+    match arg {
+        Some(SamplerArg::Ddpm) => SamplerKind::Ddpm,
+        Some(SamplerArg::Ddim) => SamplerKind::Ddim,
+        None => cfg.sample.sampler,
+    }
 }
 
 /// Runs `ddpm sample`.
 pub fn run_sample(a: SampleArgs) -> Result<()> {
+    anyhow::ensure!(a.n >= 1, "--n: expected >= 1, got {}", a.n);
+    if let Some(b) = a.batch_size {
+        anyhow::ensure!(b >= 1, "--batch-size: expected >= 1, got {b}");
+    }
+    if let Some(eta) = a.eta {
+        anyhow::ensure!(
+            eta.is_finite() && eta >= 0.0,
+            "--eta: expected a number >= 0, got {eta}"
+        );
+    }
     let (cfg, dev, net, d) = open(&a.model)?;
     let shape = [cfg.data.channels, cfg.data.resolution, cfg.data.resolution];
+    let steps = a.steps.unwrap_or(cfg.sample.steps);
+    if sampler_of(a.sampler, &cfg) == SamplerKind::Ddim {
+        anyhow::ensure!(
+            (1..=d.num_timesteps()).contains(&steps),
+            "--steps: DDIM steps must be in 1..={}, got {steps}",
+            d.num_timesteps()
+        );
+    }
     let init = match &a.init_noise {
         Some(p) => Some(read_init_noise(p, a.n, shape)?),
         None => None,
     };
-    let sampler = match a.sampler {
-        Some(SamplerArg::Ddpm) => SamplerKind::Ddpm,
-        Some(SamplerArg::Ddim) => SamplerKind::Ddim,
-        None => cfg.sample.sampler,
-    };
-    anyhow::ensure!(a.n >= 1, "--n: expected >= 1, got {}", a.n);
+    let sampler = sampler_of(a.sampler, &cfg);
     let plan = SamplingPlan {
         n: a.n,
-        batch_size: a.batch_size.unwrap_or(cfg.sample.batch_size).max(1),
+        batch_size: a.batch_size.unwrap_or(cfg.sample.batch_size),
         sampler,
-        steps: a.steps.unwrap_or(cfg.sample.steps),
+        steps,
         eta: a.eta.unwrap_or(cfg.sample.eta),
         clip: cfg.sample.clip_denoised,
         shape,
@@ -216,10 +238,13 @@ fn read_init_noise(path: &std::path::Path, n: i64, shape: [i64; 3]) -> Result<Te
 
 /// Runs `ddpm progressive`.
 pub fn run_progressive(a: ProgressiveArgs) -> Result<()> {
+    anyhow::ensure!(a.n >= 1, "--n: expected >= 1, got {}", a.n);
     let (cfg, dev, net, d) = open(&a.model)?;
     anyhow::ensure!(
-        a.n >= 1 && a.frames >= 2,
-        "--n must be >= 1 and --frames >= 2"
+        (2..=d.num_timesteps()).contains(&a.frames),
+        "--frames: expected 2..={} (one frame per recorded step), got {}",
+        d.num_timesteps(),
+        a.frames
     );
     let t_max = d.num_timesteps() - 1;
     let record: Vec<i64> = (0..a.frames)
@@ -265,7 +290,7 @@ pub fn run_progressive(a: ProgressiveArgs) -> Result<()> {
 pub struct InterpolateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// First image (png/jpg/webp; centre-cropped and resized to data.resolution).
+    /// First image (png or jpg; centre-cropped and resized to data.resolution).
     #[arg(long)]
     pub a: PathBuf,
     /// Second image.
@@ -307,7 +332,7 @@ pub fn run_interpolate(a: InterpolateArgs) -> Result<()> {
             &mut noise,
             &mut |_| pb.inc(1),
         )
-        .context("--t")?;
+        .context("interpolating (--t must be in 1..=T)")?;
     pb.finish_and_clear();
     // Source images at both ends of the row.
     let row = Tensor::cat(

@@ -129,7 +129,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             None,
             dev,
         )?;
-        crate::images::save_grid(&x, (a.sample_n as f64).sqrt().ceil() as i64, &png)?;
+        crate::images::save_grid(&x, super::sample::grid_cols(a.sample_n), &png)?;
         tracing::info!(path = %png.display(), "wrote sample grid");
     }
     Ok(())
