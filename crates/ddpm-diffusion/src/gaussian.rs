@@ -120,15 +120,14 @@ impl GaussianDiffusion {
             .view(shape.as_slice())
     }
 
-    /// Mean, variance and log variance of q(x_t | x_0).
+    /// Mean, variance and log variance of q(x_t | x_0); the variances are `[B, 1, 1, ...]`
+    /// and broadcast over x_0.
     pub fn q_mean_variance(&self, x_start: &Tensor, t: &Tensor) -> (Tensor, Tensor, Tensor) {
         let mean = self.extract(&self.c.sqrt_alphas_cumprod, t, x_start) * x_start;
-        let one = Tensor::ones_like(x_start);
         let var = self
             .extract(&self.c.sqrt_one_minus_alphas_cumprod, t, x_start)
-            .square()
-            * &one;
-        let log_var = self.extract(&self.c.log_one_minus_alphas_cumprod, t, x_start) * one;
+            .square();
+        let log_var = self.extract(&self.c.log_one_minus_alphas_cumprod, t, x_start);
         (mean, var, log_var)
     }
 

@@ -266,6 +266,32 @@ fn nll_sums_every_term_and_the_prior() {
 }
 
 #[test]
+fn nll_of_an_oracle_is_the_decoder_term_plus_the_prior() {
+    // An eps-model that knows x_0 predicts the true noise, so its mean is the true posterior
+    // mean and (with the posterior variance) every KL term for t > 0 is zero.
+    let d = process(MeanType::Eps, VarType::Fixedsmall, LossKind::Mse, 20);
+    let x0 =
+        (Tensor::rand([2, 1, 4, 4], (Kind::Double, Device::Cpu)) * 255.0).round() / 127.5 - 1.0;
+    let s = d.schedule().clone();
+    let x0c = x0.copy();
+    let mut oracle = |x: &Tensor, t: &Tensor| {
+        let i = t.int64_value(&[0]) as usize;
+        (x - &x0c * s.sqrt_alphas_cumprod[i]) / s.sqrt_one_minus_alphas_cumprod[i]
+    };
+    let mut noise = |sh: &[i64]| Tensor::randn(sh, (Kind::Double, Device::Cpu));
+    let terms = d.nll_bpd(&mut oracle, &x0, false, &mut noise, &mut |_| {});
+    let kl = terms.terms_bpd.narrow(1, 1, 19);
+    assert!(max_abs(&kl) < 1e-9, "KL terms of an oracle: {kl:?}");
+    let l0 = terms.terms_bpd.select(1, 0);
+    // L_0 by hand: the decoder's mean is x_0 exactly only up to the t = 0 noise; it is a
+    // positive NLL well below 8 bits (the cost of a uniform 256-level decoder).
+    let l0v: Vec<f64> = Vec::try_from(&l0).unwrap();
+    assert!(l0v.iter().all(|&v| v > 0.0 && v < 8.0), "{l0v:?}");
+    let expected = l0 + &terms.prior_bpd;
+    assert!(max_abs(&(expected - &terms.total_bpd)) < 1e-9);
+}
+
+#[test]
 fn ddim_rejects_bad_step_counts_by_name() {
     let err = ddim_timesteps(1000, 0).unwrap_err().to_string();
     assert!(err.contains("steps"), "{err}");
