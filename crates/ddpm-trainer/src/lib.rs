@@ -8,6 +8,7 @@
 
 pub mod flat;
 mod model_io;
+pub mod state;
 mod trainer;
 
 pub use model_io::{load_model, save_weights_dir};
@@ -29,6 +30,14 @@ pub enum TrainError {
         path: String,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// A training-state blob that does not match the model.
+    #[error("training state {blob}: {reason}")]
+    State {
+        /// The blob (e.g. optimizer.safetensors).
+        blob: String,
+        /// What is wrong.
+        reason: String,
     },
     /// A batch that does not fit the model.
     #[error("batch: {0}")]

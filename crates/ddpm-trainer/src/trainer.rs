@@ -191,6 +191,16 @@ impl Trainer {
         ((z ^ (z >> 31)) >> 1) as i64
     }
 
+    /// Adam's first and second moments (flat, same layout as the parameters).
+    pub fn adam_moments(&self) -> (&Tensor, &Tensor) {
+        (&self.exp_avg, &self.exp_avg_sq)
+    }
+
+    /// Sets the number of completed updates (when restoring a checkpoint).
+    pub(crate) fn set_global_step(&mut self, step: i64) {
+        self.step = step;
+    }
+
     /// Updates completed so far.
     pub fn global_step(&self) -> i64 {
         self.step

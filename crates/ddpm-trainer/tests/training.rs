@@ -231,3 +231,75 @@ fn a_batch_of_the_wrong_shape_is_rejected_with_the_expected_shape() {
         "{err}"
     );
 }
+
+#[test]
+fn resume_from_exported_state_is_bitwise_exact() {
+    let _rng = rng_lock();
+    let mut cfg = tiny_config("");
+    cfg.data.random_flip = true;
+    cfg.model.dropout = 0.1;
+    let x0 = images();
+    let state = |tr: &Trainer| {
+        let (flat, ema) = tr.flat();
+        let (m, v) = tr.adam_moments();
+        (bits(&flat.params), bits(ema), bits(m), bits(v))
+    };
+
+    let mut straight = Trainer::new(&cfg, Device::Cpu).unwrap();
+    for _ in 0..20 {
+        straight.step(&x0).unwrap();
+    }
+
+    let mut first = Trainer::new(&cfg, Device::Cpu).unwrap();
+    for _ in 0..10 {
+        first.step(&x0).unwrap();
+    }
+    let blobs: Vec<(String, Vec<u8>)> = first
+        .export_state()
+        .unwrap()
+        .into_iter()
+        .map(|(n, b)| (n.to_string(), b))
+        .collect();
+    drop(first);
+    // The restore must overwrite every parameter: start from garbage.
+    let mut resumed = Trainer::new(&cfg, Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        let _ = resumed.flat().0.params.shallow_clone().fill_(0.5);
+    });
+    resumed.import_state(&blobs, 10).unwrap();
+    assert_eq!(resumed.global_step(), 10);
+    for _ in 0..10 {
+        resumed.step(&x0).unwrap();
+    }
+    assert!(
+        state(&straight) == state(&resumed),
+        "20 steps straight != 10 + restore + 10"
+    );
+}
+
+#[test]
+fn a_state_that_does_not_match_the_model_is_named() {
+    let _rng = rng_lock();
+    let tr = Trainer::new(&tiny_config(""), Device::Cpu).unwrap();
+    let mut blobs: Vec<(String, Vec<u8>)> = tr
+        .export_state()
+        .unwrap()
+        .into_iter()
+        .map(|(n, b)| (n.to_string(), b))
+        .collect();
+    let mut bigger = tiny_config("");
+    bigger.model.ch = 64;
+    let mut other = Trainer::new(&bigger, Device::Cpu).unwrap();
+    let err = other.import_state(&blobs, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("expected Float"),
+        "{err}"
+    );
+    blobs.retain(|(n, _)| n != "optimizer.safetensors");
+    let mut same = Trainer::new(&tiny_config(""), Device::Cpu).unwrap();
+    let err = same.import_state(&blobs, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("missing"),
+        "{err}"
+    );
+}
