@@ -79,7 +79,7 @@ fn trained() -> Setup {
              [model]\nch = 32\nch_mult = [1, 2]\nnum_res_blocks = 1\nattn_resolutions = [8]\ndropout = 0.0\n\
              [diffusion]\nnum_timesteps = 40\n\
              [train]\nbatch_size = 8\nlr = 0.001\nwarmup_steps = 5\ntotal_steps = 12\nlog_every = 4\nthreads = 1\n\
-             [sample]\nsteps = 10\nbatch_size = 4\n",
+             [sample]\nsteps = 10\nbatch_size = 4\n[checkpoint]\nevery_steps = 6\n",
             path(&root.join("run")),
             path(&idx)
         ),
@@ -462,6 +462,54 @@ fn convert_round_trips_through_a_diffusers_directory() {
         std::fs::read(s.root.join("x.png")).unwrap(),
         std::fs::read(s.root.join("y.png")).unwrap()
     );
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_weights() {
+    let s = trained();
+    // The same run in another directory: 6 steps, then a second invocation to 12.
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("/run\"", "/run2\"");
+    let config = s.root.join("resume.toml");
+    std::fs::write(&config, text).unwrap();
+    let config = path(&config);
+    ok(&["train", "--config", &config, "--steps", "6"]);
+    ok(&["train", "--config", &config]);
+    let read = |p: &str| std::fs::read(s.root.join(p)).unwrap();
+    assert_eq!(
+        read("run2/ema.safetensors"),
+        read("run/ema.safetensors"),
+        "6 + resume + 6 != 12 straight"
+    );
+    assert_eq!(
+        read("run2/model.safetensors"),
+        read("run/model.safetensors")
+    );
+    for step in [6, 12] {
+        assert!(
+            s.root
+                .join(format!("run2/checkpoints/tiny/step-{step}/manifest.json"))
+                .exists(),
+            "step {step}"
+        );
+    }
+    let log = String::from_utf8(read("run2/train_log.jsonl")).unwrap();
+    let steps: Vec<i64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![4, 6, 8, 12],
+        "the log keeps the first invocation's lines"
+    );
+    let err = fails(&["train", "--config", &config, "--fresh"]);
+    assert!(err.contains("--fresh") && err.contains("[6, 12]"), "{err}");
 }
 
 #[test]

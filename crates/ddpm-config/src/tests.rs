@@ -47,6 +47,8 @@ fn invalid_values_name_their_key() {
         ("[train]\nema_decay = 1.0\n", "train.ema_decay"),
         ("[sample]\nsteps = 0\n", "sample.steps"),
         ("[run]\nname = \"../x\"\n", "run.name"),
+        ("[checkpoint]\nkeep_last = 1\n", "checkpoint.keep_last"),
+        ("[checkpoint]\nurl = \"runs/x\"\n", "checkpoint.url"),
     ];
     for (text, key) in cases {
         match Config::parse(text, "c.toml") {

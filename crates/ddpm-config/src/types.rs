@@ -18,6 +18,32 @@ pub struct Config {
     pub train: TrainConfig,
     /// Sampling defaults.
     pub sample: SampleConfig,
+    /// Checkpoints of the full training state.
+    pub checkpoint: CheckpointConfig,
+}
+
+/// `[checkpoint]`: where and how often the full training state is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Object-store URL of the checkpoint root (`file:///abs/dir`, `memory://`); empty:
+    /// `<run.out_dir>/checkpoints` on the local file system. Checkpoints go to
+    /// `<url>/<run.name>/step-<N>/`.
+    pub url: String,
+    /// Commit a checkpoint every this many steps (0: only at the end of training).
+    pub every_steps: i64,
+    /// Keep the newest this many committed checkpoints (>= 2).
+    pub keep_last: i64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            every_steps: 0,
+            keep_last: 3,
+        }
+    }
 }
 
 /// `[run]`: identity of a training run.

@@ -183,6 +183,29 @@ impl Config {
             return fail("train.threads", format!("expected >= 0, got {}", t.threads));
         }
 
+        let c = &self.checkpoint;
+        if c.every_steps < 0 {
+            return fail(
+                "checkpoint.every_steps",
+                format!("expected >= 0, got {}", c.every_steps),
+            );
+        }
+        if c.keep_last < 2 {
+            return fail(
+                "checkpoint.keep_last",
+                format!(
+                    "expected >= 2, got {} (the newest checkpoint must survive a failed upload of the next)",
+                    c.keep_last
+                ),
+            );
+        }
+        if !c.url.is_empty() && !c.url.contains("://") {
+            return fail(
+                "checkpoint.url",
+                format!("expected a URL such as file:///abs/dir, got {:?}", c.url),
+            );
+        }
+
         let s = &self.sample;
         if s.steps < 1 || s.steps > f.num_timesteps {
             return fail(

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the helpers they share.
 
+pub mod checkpoints;
 pub mod convert;
 pub mod inspect;
 pub mod nll;

@@ -30,6 +30,10 @@ pub struct TrainArgs {
     /// OUT/samples.png. 0 skips it.
     #[arg(long, default_value_t = 0)]
     pub sample_n: i64,
+    /// Refuse to run if the run already has committed checkpoints (by default training
+    /// resumes from the newest checkpoint that verifies).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 /// Runs `ddpm train`.
@@ -57,17 +61,38 @@ pub fn run(a: TrainArgs) -> Result<()> {
     tracing::info!(parameters = ddpm_unet::parameter_count(vs), device = ?dev, steps = cfg.train.total_steps, "training");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let log_path = out.join("train_log.jsonl");
-    let mut log = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
+    // Appended to, so a resumed run keeps the history of the steps before it.
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
 
     let total = cfg.train.total_steps;
     let batch = cfg.train.batch_size as usize;
     let seed = cfg.run.seed;
+    let checkpoints = super::checkpoints::Checkpoints::open(&cfg, &out)?;
     let mut cursor = Cursor::default();
+    let mut start = 0;
+    if a.fresh {
+        let existing = checkpoints.committed()?;
+        anyhow::ensure!(
+            existing.is_empty(),
+            "--fresh: run {:?} already has checkpoints at steps {existing:?} in {}; delete them or change run.name",
+            cfg.run.name,
+            checkpoints.url()
+        );
+    } else if let Some(r) = checkpoints.newest()? {
+        trainer.import_state(&r.blobs, r.step)?;
+        cursor = r.cursor;
+        start = r.step;
+        tracing::info!(step = r.step, epoch = cursor.epoch, url = %checkpoints.url(), "resumed from checkpoint");
+    }
     let pb = progress(total as u64, "train");
+    pb.set_position(start.min(total) as u64);
     let mut window_start = Instant::now();
     let mut window_images = 0usize;
-    for step in 0..total {
+    for step in start..total {
         let idx = cursor.next_batch(data.len(), batch, seed);
         let x = data.batch(&idx);
         let stats = trainer.step(&x)?;
@@ -98,6 +123,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             });
             window_start = Instant::now();
             window_images = 0;
+        }
+        let every = cfg.checkpoint.every_steps;
+        if (every > 0 && done % every == 0) || done == total {
+            pb.suspend(|| checkpoints.commit(&trainer, &cursor, &cfg))?;
         }
         if cfg.train.snapshot_every > 0 && done % cfg.train.snapshot_every == 0 && done != total {
             let (m, _) = trainer.model();
