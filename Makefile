@@ -7,8 +7,10 @@ TORCH_VERSION := 2.11.0
 LIBTORCH_STAMP := .libtorch/.installed-$(TORCH_VERSION)
 FMNIST := .data/fashion-mnist/train-images-idx3-ubyte.gz
 CARGO ?= cargo
+MOTO_VERSION := 5.2.5
+MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 
-.PHONY: all setup libtorch data test lint fmt quickstart bench parity-fixtures clean-libtorch
+.PHONY: all setup libtorch data test-tools test lint fmt quickstart bench parity-fixtures clean-libtorch
 
 all: test
 
@@ -31,13 +33,23 @@ data: $(FMNIST)
 $(FMNIST):
 	bash scripts/fetch-fashion-mnist.sh .data/fashion-mnist
 
+## test-tools: moto_server (a local S3 API the checkpoint tests talk to) into .tools/moto
+test-tools: $(MOTO_STAMP)
+
+$(MOTO_STAMP):
+	rm -rf .tools/moto
+	$(PYTHON) -m venv .tools/moto
+	.tools/moto/bin/pip install --quiet --disable-pip-version-check 'moto[server]==$(MOTO_VERSION)'
+	test -x .tools/moto/bin/moto_server
+	touch $@
+
 ## lint: formatting and clippy with warnings as errors
 lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 ## test: lint, then every test of the workspace, then one summary line over all test binaries
-test: lint
+test: lint test-tools
 	@mkdir -p target
 	@set -o pipefail; status=0; \
 	$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.log || status=$$?; \

@@ -6,6 +6,12 @@ use object_store::path::Path;
 /// Name of the manifest object in a step directory.
 pub const MANIFEST: &str = "manifest.json";
 
+/// Claim object a writer creates (create-only) in a step directory before its blobs.
+pub const WRITER_LOCK: &str = "writer.lock";
+
+/// Name of the pointer object in a run directory: `{"step": N}` of the newest commit.
+pub const LATEST: &str = "latest";
+
 /// Checks that `name` is a plain name: non-empty, letters, digits, `-`, `_`, `.`, and not
 /// `.` or `..` (no path separators, so it cannot escape its prefix).
 pub fn validate_name(what: &'static str, name: &str) -> Result<()> {

@@ -6,14 +6,20 @@
 //! manifests, never blobs. Every blob's size and sha256 are in the manifest and are checked
 //! on load.
 
+mod commit;
 mod layout;
 mod manifest;
+mod open;
 pub mod retention;
 mod store;
+mod uploader;
 
-pub use layout::{step_dir, validate_name, MANIFEST};
-pub use manifest::{BlobEntry, Manifest, MANIFEST_FORMAT};
-pub use store::{open_url, CheckpointStore};
+pub use layout::{parse_step_dir, step_dir, validate_name, LATEST, MANIFEST, WRITER_LOCK};
+pub use manifest::{sha256_hex, BlobEntry, Manifest, MANIFEST_FORMAT};
+pub use open::{open_url, open_url_with, StoreOptions};
+pub use retention::RetentionReport;
+pub use store::{CheckpointStore, UploadPolicy};
+pub use uploader::{BlobSource, CheckpointJob, UploadStats, Uploader};
 
 /// Errors of the checkpoint crate; each names the run, step or blob at fault.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +41,16 @@ pub enum CheckpointError {
         run: String,
         /// Step.
         step: u64,
+    },
+    /// Another writer is committing the same step.
+    #[error("checkpoint {run}/step-{step} is being written by another writer ({holder}); one writer per run")]
+    ConcurrentWriter {
+        /// Run.
+        run: String,
+        /// Step.
+        step: u64,
+        /// The other writer's id, as it wrote it.
+        holder: String,
     },
     /// A blob failed verification.
     #[error("checkpoint {run}/step-{step}: blob {blob}: {reason}")]
@@ -69,10 +85,47 @@ pub enum CheckpointError {
         /// Why.
         reason: String,
     },
+    /// Uploading one object of a checkpoint failed; nothing was committed.
+    #[error("checkpoint {run}/step-{step}: uploading {blob}: {source}")]
+    Upload {
+        /// Run.
+        run: String,
+        /// Step.
+        step: u64,
+        /// Object name.
+        blob: String,
+        /// The store's error.
+        source: Box<object_store::Error>,
+    },
+    /// Producing the blobs of a checkpoint failed.
+    #[error("checkpoint step-{step}: preparing the blobs: {reason}")]
+    Serialise {
+        /// Step.
+        step: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// A conditional update kept losing to concurrent writers.
+    #[error("run {run}: {what}: too many concurrent updates")]
+    Contended {
+        /// Run.
+        run: String,
+        /// What was being updated.
+        what: String,
+    },
+    /// Threads or runtimes could not be started.
+    #[error("{0}")]
+    Internal(String),
     /// An object-store operation failed.
     #[error("object store: {0}")]
-    Store(#[from] object_store::Error),
+    Store(#[from] Box<object_store::Error>),
 }
 
 /// Result alias for this crate.
 pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+impl From<object_store::Error> for CheckpointError {
+    fn from(e: object_store::Error) -> Self {
+        Self::Store(Box::new(e))
+    }
+}

@@ -1,33 +1,45 @@
-//! Reading and writing checkpoints through any `object_store` backend.
+//! Reading checkpoints through any `object_store` backend: listing, manifests, verified loads.
+//! Writing is in `commit.rs`, deleting in `retention.rs`.
 
-use crate::layout::{parse_step_dir, step_dir, validate_name, MANIFEST};
-use crate::manifest::{sha256_hex, BlobEntry, Manifest, MANIFEST_FORMAT};
-use crate::retention::plan_deletions;
+use crate::layout::{parse_step_dir, step_dir, validate_name, LATEST, MANIFEST};
+use crate::manifest::{sha256_hex, Manifest, MANIFEST_FORMAT};
 use crate::{CheckpointError, Result};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Opens a store URL (`file:///abs/dir`, `memory://`, ...) and returns the store and the
-/// path prefix inside it.
-pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
-    let bad = |reason: String| CheckpointError::Url {
-        url: url.to_string(),
-        reason,
-    };
-    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-    let (store, prefix) = object_store::parse_url(&parsed).map_err(|e| bad(e.to_string()))?;
-    Ok((Arc::from(store), prefix))
+/// How blobs are uploaded: blobs larger than `threshold` bytes go up as multipart uploads in
+/// parts of `part_size` bytes, `concurrency` parts at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadPolicy {
+    /// Blobs above this many bytes use multipart upload.
+    pub threshold: usize,
+    /// Part size in bytes (S3 requires >= 5 MiB for every part but the last).
+    pub part_size: usize,
+    /// Parts in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for UploadPolicy {
+    fn default() -> Self {
+        Self {
+            threshold: 64 << 20,
+            part_size: 32 << 20,
+            concurrency: 4,
+        }
+    }
 }
 
 /// The checkpoints of one run under a prefix of an object store.
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
-    store: Arc<dyn ObjectStore>,
-    prefix: Path,
-    run: String,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) prefix: Path,
+    pub(crate) run: String,
+    pub(crate) upload: UploadPolicy,
 }
 
 impl CheckpointStore {
@@ -38,7 +50,15 @@ impl CheckpointStore {
             store,
             prefix,
             run: run.to_string(),
+            upload: UploadPolicy::default(),
         })
+    }
+
+    /// The same store with another upload policy.
+    pub fn with_upload_policy(mut self, upload: UploadPolicy) -> Self {
+        assert!(upload.part_size > 0 && upload.concurrency > 0);
+        self.upload = upload;
+        self
     }
 
     /// The run name.
@@ -46,11 +66,24 @@ impl CheckpointStore {
         &self.run
     }
 
-    fn object(&self, step: u64, name: &str) -> Path {
+    /// The underlying object store.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub(crate) fn run_dir(&self) -> Path {
+        self.prefix.clone().join(self.run.as_str())
+    }
+
+    pub(crate) fn latest_path(&self) -> Path {
+        self.run_dir().join(LATEST)
+    }
+
+    pub(crate) fn object(&self, step: u64, name: &str) -> Path {
         step_dir(&self.prefix, &self.run, step).join(name)
     }
 
-    fn corrupt(&self, step: u64, blob: &str, reason: String) -> CheckpointError {
+    pub(crate) fn corrupt(&self, step: u64, blob: &str, reason: String) -> CheckpointError {
         CheckpointError::Corrupt {
             run: self.run.clone(),
             step,
@@ -59,7 +92,7 @@ impl CheckpointStore {
         }
     }
 
-    fn bad_manifest(&self, step: u64, reason: String) -> CheckpointError {
+    pub(crate) fn bad_manifest(&self, step: u64, reason: String) -> CheckpointError {
         CheckpointError::BadManifest {
             run: self.run.clone(),
             step,
@@ -67,90 +100,64 @@ impl CheckpointStore {
         }
     }
 
-    /// Writes `blobs` for `step`, then the manifest (last, only if absent). Refuses a step
-    /// that is already committed before touching any of its blobs. There is one writer per
-    /// run (rank 0); the create-only manifest put is the guard against a second one.
-    pub async fn commit(
-        &self,
-        step: u64,
-        blobs: &[(&str, Bytes)],
-        config: serde_json::Value,
-    ) -> Result<Manifest> {
-        let manifest_path = self.object(step, MANIFEST);
-        match self.store.head(&manifest_path).await {
-            Ok(_) => {
-                return Err(CheckpointError::AlreadyCommitted {
-                    run: self.run.clone(),
-                    step,
-                })
+    /// Every object under `<run>/step-N/`, grouped by step (committed or not).
+    pub(crate) async fn step_objects(&self) -> Result<BTreeMap<u64, Vec<ObjectMeta>>> {
+        let metas: Vec<ObjectMeta> = self.store.list(Some(&self.run_dir())).try_collect().await?;
+        let mut by_step: BTreeMap<u64, Vec<ObjectMeta>> = BTreeMap::new();
+        for m in metas {
+            let parts: Vec<String> = m.location.parts().map(|p| p.as_ref().to_string()).collect();
+            let Some(step) = parts.iter().rev().nth(1).and_then(|d| parse_step_dir(d)) else {
+                continue;
+            };
+            // Exactly <prefix>/<run>/step-N/<name>, not a look-alike deeper down.
+            let name = parts.last().expect("two parts");
+            if m.location == self.object(step, name) {
+                by_step.entry(step).or_default().push(m);
             }
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
         }
-        let mut entries = Vec::with_capacity(blobs.len());
-        for (name, data) in blobs {
-            validate_name("blob", name)?;
-            if *name == MANIFEST {
-                return Err(CheckpointError::InvalidName {
-                    what: "blob",
-                    name: name.to_string(),
-                    reason: format!("{MANIFEST} is reserved for the manifest"),
-                });
-            }
-            self.store
-                .put(&self.object(step, name), PutPayload::from(data.clone()))
-                .await?;
-            entries.push(BlobEntry {
-                name: name.to_string(),
-                size: data.len() as u64,
-                sha256: sha256_hex(data),
-            });
-        }
-        let manifest = Manifest {
-            format: MANIFEST_FORMAT,
-            run: self.run.clone(),
-            step,
-            blobs: entries,
-            config,
-        };
-        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&manifest_path, PutPayload::from(json), opts)
-            .await
-        {
-            Ok(_) => Ok(manifest),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                Err(CheckpointError::AlreadyCommitted {
-                    run: self.run.clone(),
-                    step,
-                })
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(by_step)
     }
 
     /// Steps that have a manifest, ascending. Blobs without a manifest are not checkpoints.
     pub async fn committed_steps(&self) -> Result<Vec<u64>> {
-        let run_prefix = self.prefix.clone().join(self.run.as_str());
-        let metas: Vec<ObjectMeta> = self.store.list(Some(&run_prefix)).try_collect().await?;
-        let mut steps: Vec<u64> = metas
-            .iter()
-            .filter_map(|m| {
-                let parts: Vec<String> =
-                    m.location.parts().map(|p| p.as_ref().to_string()).collect();
-                let step = parse_step_dir(parts.iter().rev().nth(1)?)?;
-                // Exactly <prefix>/<run>/step-N/manifest.json, not a look-alike deeper down.
-                (m.location == self.object(step, MANIFEST)).then_some(step)
-            })
-            .collect();
-        steps.sort_unstable();
-        steps.dedup();
-        Ok(steps)
+        let manifest =
+            |objs: &Vec<ObjectMeta>| objs.iter().any(|m| m.location.filename() == Some(MANIFEST));
+        Ok(self
+            .step_objects()
+            .await?
+            .into_iter()
+            .filter(|(_, objs)| manifest(objs))
+            .map(|(step, _)| step)
+            .collect())
+    }
+
+    /// The step the `latest` pointer names, if the pointer exists, parses and its checkpoint
+    /// has a manifest; otherwise the newest step found by listing manifests. The pointer can
+    /// lag by one checkpoint when its update failed; resume therefore lists (see
+    /// [`CheckpointStore::load_newest_verified`]).
+    pub async fn latest_step(&self) -> Result<Option<u64>> {
+        if let Some(step) = self.read_latest_pointer().await? {
+            match self.store.head(&self.object(step, MANIFEST)).await {
+                Ok(_) => return Ok(Some(step)),
+                Err(object_store::Error::NotFound { .. }) => {
+                    tracing::warn!(run = %self.run, step, "the latest pointer names a checkpoint without a manifest; listing instead");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.committed_steps().await?.last().copied())
+    }
+
+    /// The step in the `latest` pointer object, or None when it is absent or unreadable.
+    pub(crate) async fn read_latest_pointer(&self) -> Result<Option<u64>> {
+        match self.store.get(&self.latest_path()).await {
+            Ok(r) => {
+                let bytes = r.bytes().await?;
+                Ok(crate::commit::parse_latest(&bytes))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads and checks the manifest of `step`.
@@ -234,38 +241,5 @@ impl CheckpointStore {
             }
         }
         Ok(None)
-    }
-
-    /// Deletes committed checkpoints beyond the newest `keep_last` (never the newest, never
-    /// `in_flight`). The manifest goes first, so a half-deleted checkpoint no longer exists.
-    /// A failed delete is logged, not fatal. Returns the steps whose manifest was deleted.
-    pub async fn apply_retention(
-        &self,
-        keep_last: usize,
-        in_flight: Option<u64>,
-    ) -> Result<Vec<u64>> {
-        let plan = plan_deletions(&self.committed_steps().await?, in_flight, keep_last)?;
-        let mut deleted = Vec::new();
-        for step in plan {
-            if let Err(e) = self.store.delete(&self.object(step, MANIFEST)).await {
-                tracing::warn!(run = %self.run, step, error = %e, "could not delete a checkpoint manifest; keeping the checkpoint");
-                continue;
-            }
-            deleted.push(step);
-            let dir = step_dir(&self.prefix, &self.run, step);
-            let objects: Vec<ObjectMeta> = match self.store.list(Some(&dir)).try_collect().await {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(run = %self.run, step, error = %e, "could not list a deleted checkpoint's blobs");
-                    continue;
-                }
-            };
-            for o in objects {
-                if let Err(e) = self.store.delete(&o.location).await {
-                    tracing::warn!(run = %self.run, step, object = %o.location, error = %e, "could not delete a blob");
-                }
-            }
-        }
-        Ok(deleted)
     }
 }
