@@ -38,7 +38,7 @@ impl CheckpointStore {
         }
         for (name, _) in blobs {
             validate_name("blob", name)?;
-            if *name == MANIFEST || *name == WRITER_LOCK {
+            if [MANIFEST, WRITER_LOCK].contains(name) {
                 return Err(CheckpointError::InvalidName {
                     what: "blob",
                     name: name.to_string(),

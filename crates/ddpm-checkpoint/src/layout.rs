@@ -9,6 +9,10 @@ pub const MANIFEST: &str = "manifest.json";
 /// Claim object a writer creates (create-only) in a step directory before its blobs.
 pub const WRITER_LOCK: &str = "writer.lock";
 
+/// Directory in a run where withdrawn manifests are kept as `step-N.json`
+/// (see `CheckpointStore::reject`).
+pub const REJECTED: &str = "rejected";
+
 /// Name of the pointer object in a run directory: `{"step": N}` of the newest commit.
 pub const LATEST: &str = "latest";
 

@@ -14,7 +14,9 @@ pub mod retention;
 mod store;
 mod uploader;
 
-pub use layout::{parse_step_dir, step_dir, validate_name, LATEST, MANIFEST, WRITER_LOCK};
+pub use layout::{
+    parse_step_dir, step_dir, validate_name, LATEST, MANIFEST, REJECTED, WRITER_LOCK,
+};
 pub use manifest::{sha256_hex, BlobEntry, Manifest, MANIFEST_FORMAT};
 pub use open::{open_url, open_url_with, StoreOptions};
 pub use retention::RetentionReport;

@@ -1,7 +1,7 @@
 //! Retention: which committed checkpoints to delete (a pure function of the listing), and
 //! deleting them together with orphaned blobs of checkpoints that were never committed.
 
-use crate::layout::MANIFEST;
+use crate::layout::{MANIFEST, REJECTED};
 use crate::store::CheckpointStore;
 use crate::{CheckpointError, Result};
 use object_store::ObjectStoreExt;
@@ -108,6 +108,74 @@ impl CheckpointStore {
             cleaned.push(step);
         }
         Ok(cleaned)
+    }
+
+    /// Deletes every checkpoint of the run, committed or not, and the `latest` pointer (a
+    /// user asked to start the run over). Returns the steps removed.
+    pub async fn delete_run(&self) -> Result<Vec<u64>> {
+        let steps: Vec<u64> = self.step_objects().await?.into_keys().collect();
+        self.delete_steps(&steps).await?;
+        match self.store.delete(&self.latest_path()).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(steps)
+    }
+
+    /// Deletes the checkpoints of `steps`: every manifest first (so none of them exists any
+    /// more even if a blob delete fails), then their blobs; drops the `latest` pointer when
+    /// it names one of them. A failed manifest delete is returned; a failed blob delete is
+    /// logged (the blob is an orphan that retention removes later).
+    pub async fn delete_steps(&self, steps: &[u64]) -> Result<()> {
+        for step in steps {
+            match self.store.delete(&self.object(*step, MANIFEST)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if self
+            .read_latest_pointer()
+            .await?
+            .is_some_and(|p| steps.contains(&p))
+        {
+            match self.store.delete(&self.latest_path()).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let by_step = self.step_objects().await?;
+        for step in steps {
+            if let Some(objects) = by_step.get(step) {
+                self.delete_blobs(*step, objects).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Withdraws a committed checkpoint that failed verification: its manifest is kept as
+    /// `<run>/rejected/step-N.json` (with the reason) for inspection and then deleted, so the
+    /// step no longer exists and can be committed again by the writer that resumed before it.
+    pub async fn reject(&self, step: u64, reason: &str) -> Result<()> {
+        let manifest = self.object(step, MANIFEST);
+        let original = match self.store.get(&manifest).await {
+            Ok(r) => serde_json::from_slice::<serde_json::Value>(&r.bytes().await?)
+                .unwrap_or(serde_json::Value::Null),
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let record = serde_json::json!({ "reason": reason, "manifest": original });
+        self.store
+            .put(
+                &self
+                    .run_dir()
+                    .join(REJECTED)
+                    .join(format!("step-{step}.json")),
+                serde_json::to_vec_pretty(&record).expect("json").into(),
+            )
+            .await?;
+        self.store.delete(&manifest).await?;
+        tracing::warn!(run = %self.run, step, reason, "withdrew a checkpoint that does not verify (its manifest is kept under rejected/)");
+        Ok(())
     }
 
     async fn delete_blobs(&self, step: u64, objects: &[object_store::ObjectMeta]) {

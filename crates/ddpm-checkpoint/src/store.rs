@@ -100,6 +100,24 @@ impl CheckpointStore {
         }
     }
 
+    /// The object key of `name` in the directory of `step`.
+    pub fn blob_path(&self, step: u64, name: &str) -> Path {
+        self.object(step, name)
+    }
+
+    /// Bytes `range` of blob `name` of `step`, unverified (for reading headers cheaply).
+    pub async fn read_blob_range(
+        &self,
+        step: u64,
+        name: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        Ok(self
+            .store
+            .get_range(&self.object(step, name), range)
+            .await?)
+    }
+
     /// Every object under `<run>/step-N/`, grouped by step (committed or not).
     pub(crate) async fn step_objects(&self) -> Result<BTreeMap<u64, Vec<ObjectMeta>>> {
         let metas: Vec<ObjectMeta> = self.store.list(Some(&self.run_dir())).try_collect().await?;

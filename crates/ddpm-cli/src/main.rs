@@ -30,6 +30,9 @@ enum Command {
     Nll(commands::nll::NllArgs),
     /// Convert weights between this project's names and diffusers' UNet2DModel.
     Convert(commands::convert::ConvertArgs),
+    /// Checkpoints in object storage: ls, inspect, verify, export.
+    #[command(subcommand)]
+    Ckpt(commands::ckpt::CkptCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +42,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -58,5 +62,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Interpolate(a) => commands::sample::run_interpolate(a),
         Command::Nll(a) => commands::nll::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Ckpt(c) => commands::ckpt::run(c),
     }
 }

@@ -1,67 +1,16 @@
 //! End-to-end tests of the `ddpm` binary: real processes on a small IDX dataset written by
 //! the test.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn ddpm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("ddpm runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = ddpm(args);
-    assert!(
-        out.status.success(),
-        "ddpm {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = ddpm(args);
-    assert!(!out.status.success(), "ddpm {args:?} should have failed");
-    String::from_utf8(out.stderr).unwrap()
-}
-
-/// Writes a gzipped IDX file of 32 grey 16x16 images (stripes and squares).
-fn write_idx(path: &Path) {
-    use std::io::Write;
-    let n = 32usize;
-    let mut bytes = vec![0, 0, 8, 3];
-    for d in [n as u32, 16, 16] {
-        bytes.extend_from_slice(&d.to_be_bytes());
-    }
-    for i in 0..n {
-        for y in 0..16 {
-            for x in 0..16 {
-                let on = if i % 2 == 0 {
-                    (x + i) % 6 < 3
-                } else {
-                    (4..12).contains(&x) && (4..12).contains(&y)
-                };
-                bytes.push(if on { 230 } else { 20 });
-            }
-        }
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&bytes).unwrap();
-    std::fs::write(path, gz.finish().unwrap()).unwrap();
-}
+use common::{fails, ok, path, write_idx};
+use std::path::PathBuf;
 
 struct Setup {
     _dir: tempfile::TempDir,
     root: PathBuf,
     config: String,
     weights: String,
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// Trains a tiny model for a few steps and returns its paths.

@@ -70,14 +70,33 @@ impl Config {
         Ok(config)
     }
 
-    /// Serialises the resolved configuration (defaults filled in) as TOML.
+    /// Serialises the resolved configuration (defaults filled in) as TOML, with credentials
+    /// redacted ([`Config::redacted`]).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serialises")
+        toml::to_string_pretty(&self.redacted()).expect("config serialises")
     }
 
-    /// Serialises the resolved configuration as JSON (for manifests).
+    /// Serialises the resolved configuration as JSON (for manifests), with credentials
+    /// redacted.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("config serialises")
+        serde_json::to_value(self.redacted()).expect("config serialises")
+    }
+
+    /// A copy whose credential-like store options (keys containing `secret`, `key`, `token`,
+    /// `password`, `sas` or `credential`) read `<redacted>`: configs are written into
+    /// checkpoints and run directories, credentials must not be.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        for (k, v) in c.checkpoint.options.iter_mut() {
+            let k = k.to_ascii_lowercase();
+            if ["secret", "key", "token", "password", "sas", "credential"]
+                .iter()
+                .any(|s| k.contains(s))
+            {
+                *v = "<redacted>".into();
+            }
+        }
+        c
     }
 }
 

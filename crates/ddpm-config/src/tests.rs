@@ -90,3 +90,23 @@ fn shipped_configs_parse() {
     }
     assert!(n >= 6, "expected the six shipped configs, found {n}");
 }
+
+#[test]
+fn credentials_in_store_options_are_redacted_when_written_out() {
+    let c = Config::parse(
+        "[checkpoint]\nurl = \"s3://b/ckpt\"\n[checkpoint.options]\naws_region = \"eu-west-1\"\naws_secret_access_key = \"hunter2\"\naws_session_token = \"tok\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(c.checkpoint.options["aws_secret_access_key"], "hunter2");
+    for text in [c.to_toml(), c.to_json().to_string()] {
+        assert!(
+            !text.contains("hunter2") && !text.contains("\"tok\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("eu-west-1") && text.contains("<redacted>"),
+            "{text}"
+        );
+    }
+}

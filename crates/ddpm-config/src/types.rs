@@ -30,6 +30,10 @@ pub struct CheckpointConfig {
     /// `<run.out_dir>/checkpoints` on the local file system. Checkpoints go to
     /// `<url>/<run.name>/step-<N>/`.
     pub url: String,
+    /// Store options by object_store's key names (`aws_endpoint`, `aws_region`,
+    /// `aws_allow_http`, ...), applied after the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    /// Credential-like values are redacted wherever the config is written out.
+    pub options: std::collections::BTreeMap<String, String>,
     /// Commit a checkpoint every this many steps (0: only at the end of training).
     pub every_steps: i64,
     /// Keep the newest this many committed checkpoints (>= 2).
@@ -40,6 +44,7 @@ impl Default for CheckpointConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            options: Default::default(),
             every_steps: 0,
             keep_last: 3,
         }

@@ -303,3 +303,22 @@ fn a_state_that_does_not_match_the_model_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn a_snapshot_is_isolated_from_later_steps() {
+    let _rng = rng_lock();
+    let cfg = tiny_config("");
+    let x0 = images();
+    let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
+    tr.step(&x0).unwrap();
+    let now = tr.export_state().unwrap();
+    let snap = tr.snapshot();
+    assert_eq!(snap.step(), 1);
+    // Training goes on while the snapshot waits for the uploader thread.
+    tr.step(&x0).unwrap();
+    let later = std::thread::spawn(move || snap.into_blobs().unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(now, later);
+    assert_ne!(tr.export_state().unwrap(), now);
+}

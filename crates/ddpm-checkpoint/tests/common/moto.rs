@@ -1,4 +1,7 @@
-//! A real S3 API on 127.0.0.1: moto_server, started per test and killed on drop.
+//! A real S3 API on 127.0.0.1: moto_server, started per test and killed on drop. Also used
+//! by the ddpm-cli tests (included by path).
+
+#![allow(dead_code)]
 
 use ddpm_checkpoint::{open_url_with, StoreOptions};
 use object_store::path::Path;

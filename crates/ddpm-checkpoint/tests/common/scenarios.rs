@@ -134,6 +134,28 @@ async fn corrupted_and_truncated_fall_back((store, prefix): &Store) {
     );
     let (m, _) = s.load_newest_verified().await.unwrap().unwrap();
     assert_eq!(m.step, 1, "resume falls back past both");
+    // The writer that resumed from step 1 withdraws step 3 and can commit it again.
+    s.reject(3, "ema.safetensors is truncated").await.unwrap();
+    assert_eq!(s.committed_steps().await.unwrap(), vec![1, 2]);
+    let kept = store
+        .get(
+            &prefix
+                .clone()
+                .join("corrupt")
+                .join("rejected")
+                .join("step-3.json"),
+        )
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let kept: serde_json::Value = serde_json::from_slice(&kept).unwrap();
+    assert_eq!(kept["manifest"]["step"], 3);
+    assert!(kept["reason"].as_str().unwrap().contains("truncated"));
+    commit(&s, 3).await;
+    s.load(3).await.unwrap();
+    s.reject(3, "again").await.unwrap();
     store.delete(&blob(1, "state.json")).await.unwrap();
     let err = s.load(1).await.unwrap_err().to_string();
     assert!(

@@ -1,16 +1,18 @@
 //! Committing and resuming the full training state of `ddpm train` through the checkpoint
-//! store. Uploads run on a small tokio runtime and block the training loop while they run.
+//! store. The training thread only copies the state to host memory; serialisation, hashing
+//! and upload run on the checkpoint uploader's thread.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use ddpm_checkpoint::{open_url, CheckpointStore};
+use ddpm_checkpoint::{open_url_with, CheckpointJob, CheckpointStore, UploadStats, Uploader};
 use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
 use ddpm_trainer::Trainer;
 use std::path::Path;
+use std::time::Instant;
 
-/// Blob holding the step, the data cursor and the seed.
-const STATE_BLOB: &str = "state.json";
+/// Blob holding the step, the data cursor, the RNG scheme and the world size.
+pub const STATE_BLOB: &str = "state.json";
 
 /// A training state read back from a checkpoint.
 pub struct Resumed {
@@ -22,35 +24,56 @@ pub struct Resumed {
     pub blobs: Vec<(String, Vec<u8>)>,
 }
 
-/// The checkpoints of one run.
+/// The checkpoints of one run: reads on a small runtime here, writes on the uploader.
 pub struct Checkpoints {
     rt: tokio::runtime::Runtime,
     store: CheckpointStore,
-    keep_last: usize,
+    uploader: Uploader,
     url: String,
 }
 
+/// The checkpoint root URL of a config: `checkpoint.url`, or `<out>/checkpoints`.
+pub fn root_url(cfg: &Config, out: &Path) -> Result<String> {
+    if !cfg.checkpoint.url.is_empty() {
+        return Ok(cfg.checkpoint.url.clone());
+    }
+    let dir = out.join("checkpoints");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let abs = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    Ok(format!("file://{}", abs.display()))
+}
+
+/// The state.json of a checkpoint.
+fn state_json(step: u64, cursor: &Cursor, cfg: &Config) -> serde_json::Value {
+    serde_json::json!({
+        "step": step,
+        "epoch": cursor.epoch,
+        "position": cursor.position,
+        "seed": cfg.run.seed,
+        // Every step reseeds libtorch from (seed, step): the RNG state is a function of them.
+        "rng": {"scheme": "per-step reseed from (seed, step)", "seed": cfg.run.seed, "step": step},
+        "world_size": 1,
+    })
+}
+
 impl Checkpoints {
-    /// Opens `checkpoint.url` (default: `<out>/checkpoints` on the local disk).
+    /// Opens the run's checkpoints and starts the uploader.
     pub fn open(cfg: &Config, out: &Path) -> Result<Self> {
-        let url = if cfg.checkpoint.url.is_empty() {
-            let dir = out.join("checkpoints");
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let abs = dir
-                .canonicalize()
-                .with_context(|| format!("resolving {}", dir.display()))?;
-            format!("file://{}", abs.display())
-        } else {
-            cfg.checkpoint.url.clone()
-        };
-        let (store, prefix) = open_url(&url).context("checkpoint.url")?;
+        let url = root_url(cfg, out)?;
+        let (store, prefix) = open_url_with(&url, &cfg.checkpoint.options)
+            .with_context(|| "checkpoint.url / checkpoint.options")?;
+        let store = CheckpointStore::new(store, prefix, &cfg.run.name).context("run.name")?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let uploader = Uploader::spawn(store.clone(), cfg.checkpoint.keep_last as usize)
+            .context("checkpoint.keep_last")?;
         Ok(Self {
             rt,
-            store: CheckpointStore::new(store, prefix, &cfg.run.name).context("run.name")?,
-            keep_last: cfg.checkpoint.keep_last as usize,
+            store,
+            uploader,
             url,
         })
     }
@@ -65,10 +88,49 @@ impl Checkpoints {
         Ok(self.rt.block_on(self.store.committed_steps())?)
     }
 
-    /// The newest checkpoint that verifies (corrupted newer ones are skipped with a warning).
-    pub fn newest(&self) -> Result<Option<Resumed>> {
-        let Some((m, blobs)) = self.rt.block_on(self.store.load_newest_verified())? else {
-            return Ok(None);
+    /// Deletes every checkpoint of the run (the user asked to start over).
+    pub fn delete_run(&self) -> Result<Vec<u64>> {
+        Ok(self.rt.block_on(self.store.delete_run())?)
+    }
+
+    /// Deletes the given committed checkpoints.
+    pub fn delete_steps(&self, steps: &[u64]) -> Result<()> {
+        Ok(self.rt.block_on(self.store.delete_steps(steps))?)
+    }
+
+    /// Makes this process the run's writer, continuing after `step`: committed checkpoints
+    /// newer than `step` (the ones resume skipped because they do not verify) are withdrawn,
+    /// and blobs of checkpoints that were never committed (a writer that died before its
+    /// manifest) are removed.
+    pub fn take_over(&self, step: u64) -> Result<()> {
+        for newer in self.committed()?.into_iter().filter(|s| *s > step) {
+            self.rt.block_on(self.store.reject(
+                newer,
+                &format!("does not verify; training resumed from step {step}"),
+            ))?;
+        }
+        let cleaned = self.rt.block_on(self.store.remove_uncommitted())?;
+        if !cleaned.is_empty() {
+            tracing::warn!(steps = ?cleaned, url = %self.url, "removed uncommitted checkpoint blobs left by an earlier writer");
+        }
+        Ok(())
+    }
+
+    /// Checkpoint `step` (verified; no fallback: the user asked for it), or the newest that
+    /// verifies (newer corrupted ones are skipped with a warning naming the blob).
+    pub fn load(&self, step: Option<u64>) -> Result<Option<Resumed>> {
+        let (m, blobs) = match step {
+            Some(s) => self.rt.block_on(self.store.load(s)).with_context(|| {
+                format!(
+                    "--resume {s}: checkpoint {}/step-{s} in {}",
+                    self.store.run(),
+                    self.url
+                )
+            })?,
+            None => match self.rt.block_on(self.store.load_newest_verified())? {
+                Some(found) => found,
+                None => return Ok(None),
+            },
         };
         let state = blobs
             .iter()
@@ -91,26 +153,41 @@ impl Checkpoints {
         }))
     }
 
-    /// Commits the trainer's state after `trainer.global_step()` updates, then applies retention.
-    pub fn commit(&self, trainer: &Trainer, cursor: &Cursor, cfg: &Config) -> Result<()> {
+    /// Hands the trainer's state after `trainer.global_step()` updates to the uploader.
+    /// Blocks only to wait for the previous checkpoint (logged and counted) and to copy the
+    /// state to host memory. Returns the seconds the training thread spent here.
+    pub fn submit(&self, trainer: &Trainer, cursor: &Cursor, cfg: &Config) -> f64 {
+        let started = Instant::now();
         let step = trainer.global_step() as u64;
-        let state = serde_json::json!({
-            "step": step, "epoch": cursor.epoch, "position": cursor.position,
-            "seed": cfg.run.seed, "world_size": 1,
+        self.uploader.wait_for_slot(step);
+        let snapshot = trainer.snapshot();
+        let state = state_json(step, cursor, cfg);
+        self.uploader.submit(CheckpointJob {
+            step,
+            blobs: Box::new(move || {
+                let mut blobs: Vec<(String, Bytes)> = snapshot
+                    .into_blobs()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|(n, b)| (n.to_string(), Bytes::from(b)))
+                    .collect();
+                let state = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
+                blobs.push((STATE_BLOB.to_string(), Bytes::from(state)));
+                Ok(blobs)
+            }),
+            config: cfg.to_json(),
         });
-        let mut blobs: Vec<(&str, Bytes)> = trainer
-            .export_state()?
-            .into_iter()
-            .map(|(n, b)| (n, Bytes::from(b)))
-            .collect();
-        blobs.push((STATE_BLOB, Bytes::from(serde_json::to_vec_pretty(&state)?)));
-        let started = std::time::Instant::now();
-        self.rt
-            .block_on(self.store.commit(step, &blobs, cfg.to_json()))?;
-        let deleted = self
-            .rt
-            .block_on(self.store.apply_retention(self.keep_last, None))?;
-        tracing::info!(step, seconds = started.elapsed().as_secs_f64(), deleted = ?deleted, url = %self.url, "checkpoint committed");
-        Ok(())
+        let stall = started.elapsed().as_secs_f64();
+        tracing::debug!(
+            step,
+            stall_seconds = stall,
+            "checkpoint handed to the uploader"
+        );
+        stall
+    }
+
+    /// Waits for the checkpoint in flight and returns the uploader's counters.
+    pub fn finish(self) -> UploadStats {
+        self.uploader.finish()
     }
 }

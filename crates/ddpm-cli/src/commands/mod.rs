@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the helpers they share.
 
 pub mod checkpoints;
+pub mod ckpt;
 pub mod convert;
 pub mod inspect;
 pub mod nll;

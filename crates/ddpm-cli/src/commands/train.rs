@@ -30,10 +30,20 @@ pub struct TrainArgs {
     /// OUT/samples.png. 0 skips it.
     #[arg(long, default_value_t = 0)]
     pub sample_n: i64,
-    /// Refuse to run if the run already has committed checkpoints (by default training
-    /// resumes from the newest checkpoint that verifies).
-    #[arg(long)]
+    /// Start the run from step 0 instead of resuming. Refuses when the run already has
+    /// checkpoints, unless --overwrite is given too. By default training resumes from the
+    /// newest checkpoint that verifies (corrupted newer ones are skipped, loudly).
+    #[arg(long, conflicts_with = "resume")]
     pub fresh: bool,
+    /// Resume from the checkpoint of this step (it must verify; there is no fallback).
+    /// Refuses when newer checkpoints exist, unless --overwrite is given too.
+    #[arg(long, value_name = "STEP")]
+    pub resume: Option<u64>,
+    /// With --fresh: delete the run's checkpoints first. With --resume STEP: delete the
+    /// checkpoints newer than STEP first (the run continues from STEP and would commit the
+    /// same steps again).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs `ddpm train`.
@@ -72,25 +82,65 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let batch = cfg.train.batch_size as usize;
     let seed = cfg.run.seed;
     let checkpoints = super::checkpoints::Checkpoints::open(&cfg, &out)?;
+    anyhow::ensure!(
+        !a.overwrite || a.fresh || a.resume.is_some(),
+        "--overwrite only applies together with --fresh or --resume STEP"
+    );
+    let existing = checkpoints.committed()?;
     let mut cursor = Cursor::default();
     let mut start = 0;
     if a.fresh {
-        let existing = checkpoints.committed()?;
-        anyhow::ensure!(
-            existing.is_empty(),
-            "--fresh: run {:?} already has checkpoints at steps {existing:?} in {}; delete them or change run.name",
-            cfg.run.name,
-            checkpoints.url()
-        );
-    } else if let Some(r) = checkpoints.newest()? {
-        trainer.import_state(&r.blobs, r.step)?;
-        cursor = r.cursor;
-        start = r.step;
-        tracing::info!(step = r.step, epoch = cursor.epoch, url = %checkpoints.url(), "resumed from checkpoint");
+        if !existing.is_empty() {
+            anyhow::ensure!(
+                a.overwrite,
+                "--fresh: run {:?} already has checkpoints at steps {existing:?} in {}; add --overwrite to delete them, or change run.name",
+                cfg.run.name,
+                checkpoints.url()
+            );
+            let removed = checkpoints.delete_run()?;
+            tracing::warn!(steps = ?removed, url = %checkpoints.url(), "--fresh --overwrite: deleted the run's checkpoints");
+        }
+    } else {
+        if let Some(step) = a.resume {
+            anyhow::ensure!(
+                existing.contains(&step),
+                "--resume {step}: run {:?} has no committed checkpoint at step {step} in {} (committed: {existing:?})",
+                cfg.run.name,
+                checkpoints.url()
+            );
+            let newer: Vec<u64> = existing.iter().copied().filter(|s| *s > step).collect();
+            if !newer.is_empty() {
+                anyhow::ensure!(
+                    a.overwrite,
+                    "--resume {step}: run {:?} has newer checkpoints at steps {newer:?} in {}; add --overwrite to delete them",
+                    cfg.run.name,
+                    checkpoints.url()
+                );
+            }
+        }
+        if let Some(r) = checkpoints.load(a.resume)? {
+            let newer: Vec<u64> = existing
+                .iter()
+                .copied()
+                .filter(|s| *s as i64 > r.step)
+                .collect();
+            if a.resume.is_some() && !newer.is_empty() {
+                checkpoints.delete_steps(&newer)?;
+                tracing::warn!(steps = ?newer, "--resume --overwrite: deleted the newer checkpoints");
+            }
+            trainer.import_state(&r.blobs, r.step)?;
+            cursor = r.cursor;
+            start = r.step;
+            tracing::info!(step = r.step, epoch = cursor.epoch, url = %checkpoints.url(), "resumed from checkpoint");
+        }
     }
+    checkpoints.take_over(start as u64)?;
     let pb = progress(total as u64, "train");
     pb.set_position(start.min(total) as u64);
     let mut window_start = Instant::now();
+    // Training-thread seconds spent handing checkpoints over, and the last one handed over.
+    let mut stall = 0.0;
+    let mut submitted: Option<u64> = None;
     let mut window_images = 0usize;
     for step in start..total {
         let idx = cursor.next_batch(data.len(), batch, seed);
@@ -126,7 +176,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         let every = cfg.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || done == total {
-            pb.suspend(|| checkpoints.commit(&trainer, &cursor, &cfg))?;
+            stall += checkpoints.submit(&trainer, &cursor, &cfg);
+            submitted = Some(done as u64);
         }
         if cfg.train.snapshot_every > 0 && done % cfg.train.snapshot_every == 0 && done != total {
             let (m, _) = trainer.model();
@@ -139,6 +190,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (e, _) = trainer.ema_model();
     save_weights_dir(&out, &cfg, m, e)?;
     tracing::info!(dir = %out.display(), "wrote ema.safetensors, model.safetensors, config.toml");
+    let url = checkpoints.url().to_string();
+    let uploads = checkpoints.finish();
+    tracing::info!(
+        committed = uploads.committed,
+        failed = uploads.failed,
+        waits = uploads.waits,
+        stall_seconds = stall,
+        "checkpoints"
+    );
+    if let Some(last) = submitted {
+        anyhow::ensure!(
+            uploads.last_committed == Some(last),
+            "the final checkpoint (step {last}) was not committed to {url}: {}; the weights in {} are current, the newest checkpoint is older",
+            uploads.last_error.as_deref().unwrap_or("unknown error"),
+            out.display()
+        );
+    }
     if a.sample_n > 0 {
         let (_, net) = trainer.ema_model();
         let png = out.join("samples.png");
