@@ -14,6 +14,10 @@ fields as `ddpm-bench`):
                posterior mean, plus exp(0.5 log sigma^2) z (fixed-large or fixed-small variance).
 * train-phases: the training step timed in segments: forward + loss, backward, and the update
                (clip, Adam, EMA), each also reported separately, with minor page faults.
+* checkpoint:  after one training step, the usual PyTorch checkpoint of the full state:
+               torch.save({model, ema, optimizer, step}) to a file in --dir, then fsync. It runs
+               on the training thread, so all of it is a stall (compare with the stall_s and
+               commit_s of `ddpm-bench checkpoint`).
 
 Usage:
     python bench/reference_unet.py train-step --config configs/cifar10.toml \
@@ -235,7 +239,7 @@ class TrainStep:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bench", choices=["train-step", "sample-step", "train-phases"])
+    ap.add_argument("bench", choices=["train-step", "sample-step", "train-phases", "checkpoint"])
     ap.add_argument("--config", required=True, help="TOML config (schedule, training hyper-parameters)")
     ap.add_argument("--unet-config", required=True, help="diffusers config.json (ddpm-bench diffusers-config)")
     ap.add_argument("--batch", type=int, default=0, help="batch size (0: the config's train.batch_size)")
@@ -243,6 +247,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dir", default="/tmp", help="checkpoint: directory to write to")
     args = ap.parse_args()
     if args.iters < 1:
         raise SystemExit("--iters must be at least 1")
@@ -251,7 +256,25 @@ def main():
     batch = x.shape[0]
     params = sum(p.numel() for p in model.parameters())
 
-    if args.bench == "train-step":
+    if args.bench == "checkpoint":
+        step = TrainStep(train, data, sched, model)
+        step(x)  # Adam has its moments after one step
+        sizes = []
+
+        def one():
+            path = os.path.join(args.dir, "reference-checkpoint.pt")
+            state = {"model": step.model.state_dict(), "ema": step.ema.state_dict(),
+                     "optimizer": step.opt.state_dict(), "step": step.step_n}
+            torch.save(state, path)
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            sizes.append(os.path.getsize(path))
+            os.remove(path)
+
+        out = report(args, "checkpoint", cfg, batch, params, time_steps(args, one))
+        out["bytes"] = sizes[-1]
+    elif args.bench == "train-step":
         step = TrainStep(train, data, sched, model)
 
         def one():

@@ -13,11 +13,15 @@
 //! * `train-phases`: the training step split into forward (+ loss), backward, and the update
 //!   (clip + Adam + EMA), the update also evaluated in two alternative ways on replica flat
 //!   buffers, with minor page faults per phase, to see where the time goes.
+//! * `checkpoint`: the full training state committed to a `file://` store through the
+//!   background uploader, against a plain copy of the same bytes (see `checkpoint.rs`).
 //! * `diffusers-config`: the diffusers `UNet2DModel` config.json equivalent to a config's
 //!   U-Net ([`ddpm_unet::weights::diffusers_config`]); the reference script builds from it.
 //!
 //! Each run prints one JSON line on stdout; the peak resident set size is the process's
 //! `VmHWM` from `/proc/self/status`.
+
+mod checkpoint;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -46,6 +50,8 @@ enum Command {
     SampleStep(RunArgs),
     /// Time the phases of a training step: forward + loss, backward, update.
     TrainPhases(RunArgs),
+    /// Checkpoint the full training state to file:// against a plain copy of the same bytes.
+    Checkpoint(checkpoint::CheckpointArgs),
     /// Print the diffusers UNet2DModel config.json equivalent to a config's U-Net.
     DiffusersConfig {
         /// Configuration file (TOML).
@@ -91,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainStep(a) => train_step(&a)?,
         Command::SampleStep(a) => sample_step(&a)?,
         Command::TrainPhases(a) => train_phases(&a)?,
+        Command::Checkpoint(a) => checkpoint::run(&a)?,
         Command::DiffusersConfig { config } => {
             let cfg = load_config(&config)?;
             ddpm_unet::weights::diffusers_config(&UNetConfig::from_config(&cfg))?

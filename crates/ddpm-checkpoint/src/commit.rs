@@ -1,11 +1,11 @@
 //! Writing a checkpoint: blobs (multipart when large, hashed while they upload), then the
 //! manifest with `PutMode::Create`, then the `latest` pointer.
 
+use crate::blob::Blob;
 use crate::layout::{validate_name, MANIFEST, WRITER_LOCK};
-use crate::manifest::{sha256_hex, BlobEntry, Manifest, MANIFEST_FORMAT};
+use crate::manifest::{BlobEntry, Manifest, MANIFEST_FORMAT};
 use crate::store::CheckpointStore;
 use crate::{CheckpointError, Result};
-use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{
     ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
@@ -27,7 +27,7 @@ impl CheckpointStore {
     pub async fn commit(
         &self,
         step: u64,
-        blobs: &[(&str, Bytes)],
+        blobs: &[(&str, Blob)],
         config: serde_json::Value,
     ) -> Result<Manifest> {
         let manifest_path = self.object(step, MANIFEST);
@@ -47,20 +47,20 @@ impl CheckpointStore {
             }
         }
         self.claim_step(step).await?;
-        let mut entries = Vec::with_capacity(blobs.len());
-        for (name, data) in blobs {
+        // All blobs at once; each is hashed on the blocking pool while its bytes upload.
+        let uploads = blobs.iter().map(|(name, data)| async move {
             let path = self.object(step, name);
-            // Hash on the blocking pool while the bytes upload.
             let to_hash = data.clone();
-            let hash = tokio::task::spawn_blocking(move || sha256_hex(&to_hash));
-            let (uploaded, sha256) = tokio::join!(self.upload_blob(&path, data.clone()), hash);
+            let hash = tokio::task::spawn_blocking(move || to_hash.sha256_hex());
+            let (uploaded, sha256) = tokio::join!(self.upload_blob(&path, data), hash);
             uploaded.map_err(|e| self.upload_failed(step, name, e))?;
-            entries.push(BlobEntry {
+            Ok::<_, CheckpointError>(BlobEntry {
                 name: name.to_string(),
                 size: data.len() as u64,
                 sha256: sha256.expect("sha256 task does not panic"),
-            });
-        }
+            })
+        });
+        let entries = futures::future::try_join_all(uploads).await?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             run: self.run.clone(),
@@ -150,21 +150,24 @@ impl CheckpointStore {
 
     /// One blob: a single put when small, a multipart upload when large (aborted on error,
     /// so no parts are left behind where the store supports it).
-    async fn upload_blob(&self, path: &Path, data: Bytes) -> object_store::Result<()> {
+    async fn upload_blob(&self, path: &Path, data: &Blob) -> object_store::Result<()> {
         if data.len() <= self.upload.threshold {
-            self.store.put(path, PutPayload::from(data)).await?;
+            let payload: PutPayload = data.segments().iter().cloned().collect();
+            self.store.put(path, payload).await?;
             return Ok(());
         }
         let upload = self.store.put_multipart(path).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.upload.part_size);
-        let mut rest = data;
-        while !rest.is_empty() {
-            if let Err(e) = writer.wait_for_capacity(self.upload.concurrency).await {
-                let _ = writer.abort().await;
-                return Err(e);
+        for segment in data.segments() {
+            let mut rest = segment.clone();
+            while !rest.is_empty() {
+                if let Err(e) = writer.wait_for_capacity(self.upload.concurrency).await {
+                    let _ = writer.abort().await;
+                    return Err(e);
+                }
+                let n = rest.len().min(self.upload.part_size);
+                writer.put(rest.split_to(n));
             }
-            let n = rest.len().min(self.upload.part_size);
-            writer.put(rest.split_to(n));
         }
         writer.finish().await?;
         Ok(())

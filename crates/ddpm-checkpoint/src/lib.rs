@@ -6,6 +6,7 @@
 //! manifests, never blobs. Every blob's size and sha256 are in the manifest and are checked
 //! on load.
 
+mod blob;
 mod commit;
 mod layout;
 mod manifest;
@@ -14,6 +15,7 @@ pub mod retention;
 mod store;
 mod uploader;
 
+pub use blob::Blob;
 pub use layout::{
     parse_step_dir, step_dir, validate_name, LATEST, MANIFEST, REJECTED, WRITER_LOCK,
 };

@@ -5,9 +5,9 @@
 //! uploading, [`Uploader::wait_for_slot`] says so (log, `ddpm_checkpoint_waits_total`) and
 //! waits, so host memory never holds more than one pending state.
 
+use crate::blob::Blob;
 use crate::store::CheckpointStore;
 use crate::{CheckpointError, Result};
-use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -15,7 +15,7 @@ use std::time::Instant;
 
 /// Produces the blobs of a checkpoint; runs on the uploader thread (serialisation happens
 /// there, not on the training thread). An error is a message naming what failed.
-pub type BlobSource = Box<dyn FnOnce() -> std::result::Result<Vec<(String, Bytes)>, String> + Send>;
+pub type BlobSource = Box<dyn FnOnce() -> std::result::Result<Vec<(String, Blob)>, String> + Send>;
 
 /// One checkpoint handed to the uploader.
 pub struct CheckpointJob {
@@ -201,7 +201,7 @@ fn run_job(
 ) -> Result<u64> {
     let step = job.step;
     let blobs = (job.blobs)().map_err(|reason| CheckpointError::Serialise { step, reason })?;
-    let named: Vec<(&str, Bytes)> = blobs.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let named: Vec<(&str, Blob)> = blobs.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
     let bytes = named.iter().map(|(_, b)| b.len() as u64).sum();
     rt.block_on(store.commit(step, &named, job.config))?;
     drop(named);

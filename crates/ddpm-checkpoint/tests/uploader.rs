@@ -16,11 +16,11 @@ fn job(step: u64, bytes: usize) -> CheckpointJob {
             Ok(vec![
                 (
                     "ema.safetensors".to_string(),
-                    Bytes::from(vec![step as u8; bytes]),
+                    Bytes::from(vec![step as u8; bytes]).into(),
                 ),
                 (
                     "state.json".to_string(),
-                    Bytes::from(format!("{{\"step\":{step}}}")),
+                    Bytes::from(format!("{{\"step\":{step}}}")).into(),
                 ),
             ])
         }),
@@ -45,7 +45,10 @@ fn a_due_checkpoint_waits_for_the_one_in_flight() {
         step: 1,
         blobs: Box::new(move || {
             gate.recv().unwrap();
-            Ok(vec![("ema.safetensors".into(), Bytes::from_static(b"one"))])
+            Ok(vec![(
+                "ema.safetensors".into(),
+                Bytes::from_static(b"one").into(),
+            )])
         }),
         config: serde_json::Value::Null,
     });

@@ -6,7 +6,7 @@ mod common;
 #[path = "../../ddpm-checkpoint/tests/common/moto.rs"]
 mod moto;
 
-use common::{ddpm, fails, ok, path, write_idx};
+use common::{ddpm, ddpm_log, fails, ok, path, write_idx};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -292,13 +292,8 @@ fn ckpt_lists_inspects_verifies_and_exports_and_resume_skips_a_corrupt_blob() {
         text.contains("step-10: ok") && text.contains("ema.safetensors") && text.contains("sha256"),
         "{text}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(["train", "--config", &cfg, "--steps", "30"])
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let (status, log) = ddpm_log(&["train", "--config", &cfg, "--steps", "30"], "info");
+    assert!(status.success(), "{log}");
     assert!(
         log.contains("skipping a checkpoint that does not verify")
             && log.contains("ema.safetensors"),
@@ -321,6 +316,18 @@ fn ckpt_lists_inspects_verifies_and_exports_and_resume_skips_a_corrupt_blob() {
     assert!(
         verify.contains("step-20: ok") && verify.contains("step-30: ok"),
         "{verify}"
+    );
+    // With every checkpoint corrupt, training refuses to start over by itself.
+    for step in [10, 20, 30] {
+        let blob = root.join(format!("run/checkpoints/ops/step-{step}/state.json"));
+        if blob.exists() {
+            std::fs::write(&blob, b"{}").unwrap();
+        }
+    }
+    let err = fails(&["train", "--config", &cfg, "--steps", "40"]);
+    assert!(
+        err.contains("none verifies") && err.contains("--fresh --overwrite"),
+        "{err}"
     );
 }
 
@@ -369,15 +376,79 @@ fn training_checkpoints_to_an_s3_api_and_ckpt_reads_them_there() {
     );
     // Resume from S3 after losing the local directory.
     std::fs::remove_dir_all(root.join("run")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ddpm"))
-        .args(["train", "--config", &cfg, "--steps", "30"])
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let (status, log) = ddpm_log(&["train", "--config", &cfg, "--steps", "30"], "info");
     assert!(
-        out.status.success() && log.contains("resumed from checkpoint"),
+        status.success() && log.contains("resumed from checkpoint"),
         "{log}"
     );
     let _ = PathBuf::new();
+}
+
+#[test]
+fn a_failing_store_does_not_stop_training_but_the_run_ends_in_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // /proc does not take new files: every checkpoint upload fails.
+    let cfg = config(
+        root,
+        "nostore",
+        "run",
+        "url = \"file:///proc/ddpm-checkpoints\"\n",
+    );
+    let (status, log) = ddpm_log(&["train", "--config", &cfg], "warn");
+    assert!(!status.success(), "{log}");
+    assert_eq!(
+        log.matches("checkpoint failed; training goes on").count(),
+        2,
+        "both checkpoints failed and were logged: {log}"
+    );
+    assert!(
+        log.contains("the final checkpoint (step 20) was not committed")
+            && log.contains("/proc/ddpm-checkpoints"),
+        "{log}"
+    );
+    // Training itself finished: the weights of step 20 are in the run directory.
+    assert!(root.join("run/ema.safetensors").exists());
+    let lines = std::fs::read_to_string(root.join("run/train_log.jsonl")).unwrap();
+    assert!(
+        lines.lines().last().unwrap().contains("\"step\":20"),
+        "{lines}"
+    );
+}
+
+#[test]
+fn blobs_of_a_writer_that_died_before_its_manifest_are_removed_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = config(root, "orphans", "run", "");
+    ok(&["train", "--config", &cfg, "--steps", "10"]);
+    // What a writer killed between its blobs and its manifest leaves behind.
+    let ckpt = root.join("run/checkpoints/orphans");
+    std::fs::create_dir_all(ckpt.join("step-15")).unwrap();
+    for blob in ["model.safetensors", "ema.safetensors"] {
+        std::fs::copy(
+            ckpt.join("step-10").join(blob),
+            ckpt.join("step-15").join(blob),
+        )
+        .unwrap();
+    }
+    std::fs::write(ckpt.join("step-15/writer.lock"), "{\"writer\":\"dead\"}").unwrap();
+    let url = format!("file://{}", path(&ckpt));
+    let ls = ok(&["ckpt", "ls", &url]);
+    assert!(
+        !ls.contains("15"),
+        "an uncommitted checkpoint is not listed: {ls}"
+    );
+    let (status, log) = ddpm_log(&["train", "--config", &cfg], "warn");
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("removed uncommitted checkpoint blobs") && log.contains("15"),
+        "{log}"
+    );
+    assert!(std::fs::read_dir(ckpt.join("step-15")).map_or(true, |mut d| d.next().is_none()));
+    let verify = ok(&["ckpt", "verify", &url]);
+    assert!(
+        verify.contains("step-10: ok") && verify.contains("step-20: ok"),
+        "{verify}"
+    );
 }

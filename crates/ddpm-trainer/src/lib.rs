@@ -8,10 +8,12 @@
 
 pub mod flat;
 mod model_io;
+pub mod snapshot;
 pub mod state;
 mod trainer;
 
 pub use model_io::{load_model, save_weights_dir};
+pub use snapshot::{SnapshotPool, StateSnapshot};
 pub use trainer::{StepStats, Trainer, CPU_UPDATE_SLICE};
 
 /// Errors raised by the trainer.

@@ -2,6 +2,7 @@
 //! bytes. Together with the step (and the caller's data cursor) they make resume exact.
 
 use crate::flat::Slot;
+use crate::snapshot::SnapshotPool;
 use crate::{Result, TrainError, Trainer};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
@@ -112,140 +113,10 @@ fn prefixed(slots: &[Slot], prefix: &str) -> Vec<Slot> {
         .collect()
 }
 
-/// Host copies of the full training state, taken on the training thread by
-/// [`Trainer::snapshot`] and serialised elsewhere ([`StateSnapshot::into_blobs`]), so the
-/// training thread only pays for four buffer copies.
-pub struct StateSnapshot {
-    slots: Vec<Slot>,
-    step: i64,
-    params: Tensor,
-    ema: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-}
-
-/// A copy of a flat buffer in host memory (a plain copy when it already lives there).
-fn host_copy(t: &Tensor) -> Tensor {
-    tch::no_grad(|| {
-        let t = t.detach();
-        if t.device() == Device::Cpu {
-            t.copy()
-        } else {
-            t.to_device(Device::Cpu)
-        }
-    })
-}
-
-/// Views of consecutive slots over one flat host buffer's bytes.
-struct FlatBytes<'a> {
-    bytes: &'a [u8],
-    shape: Vec<usize>,
-}
-
-impl View for &FlatBytes<'_> {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// The bytes of a contiguous float32 host tensor.
-fn host_bytes(t: &Tensor) -> Vec<u8> {
-    let t = t.to_kind(Kind::Float).contiguous();
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * 4];
-    t.copy_data_u8(&mut data, numel);
-    data
-}
-
-/// Safetensors bytes of the slots (names prefixed with `prefix.` when given) of one or more
-/// flat buffers.
-fn serialise(parts: &[(&str, &[u8])], slots: &[Slot]) -> Result<Vec<u8>> {
-    let mut views: Vec<(String, FlatBytes)> = Vec::with_capacity(parts.len() * slots.len());
-    for (prefix, bytes) in parts {
-        for s in slots {
-            let start = s.offset as usize * 4;
-            let name = if prefix.is_empty() {
-                s.name.clone()
-            } else {
-                format!("{prefix}.{}", s.name)
-            };
-            views.push((
-                name,
-                FlatBytes {
-                    bytes: &bytes[start..start + s.numel() as usize * 4],
-                    shape: s.shape.iter().map(|&d| d as usize).collect(),
-                },
-            ));
-        }
-    }
-    safetensors::tensor::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), &None)
-        .map_err(|e| TrainError::Internal(format!("serialising safetensors: {e:?}")))
-}
-
-impl StateSnapshot {
-    /// Completed updates when the snapshot was taken.
-    pub fn step(&self) -> i64 {
-        self.step
-    }
-
-    /// The model, EMA and optimizer state as (blob name, safetensors bytes). Each buffer is
-    /// released as soon as its blob is written, to bound peak host memory.
-    pub fn into_blobs(self) -> Result<Vec<(&'static str, Vec<u8>)>> {
-        let Self {
-            slots,
-            params,
-            ema,
-            exp_avg,
-            exp_avg_sq,
-            ..
-        } = self;
-        let bytes = host_bytes(&params);
-        drop(params);
-        let model = serialise(&[("", &bytes)], &slots)?;
-        drop(bytes);
-        let bytes = host_bytes(&ema);
-        drop(ema);
-        let ema = serialise(&[("", &bytes)], &slots)?;
-        drop(bytes);
-        let (m, v) = (host_bytes(&exp_avg), host_bytes(&exp_avg_sq));
-        drop((exp_avg, exp_avg_sq));
-        let optimizer = serialise(&[("exp_avg", &m), ("exp_avg_sq", &v)], &slots)?;
-        Ok(vec![
-            (MODEL_BLOB, model),
-            (EMA_BLOB, ema),
-            (OPTIMIZER_BLOB, optimizer),
-        ])
-    }
-}
-
 impl Trainer {
-    /// Copies the model, EMA and Adam buffers to host memory (the only part of a checkpoint
-    /// that has to run on the training thread).
-    pub fn snapshot(&self) -> StateSnapshot {
-        let (flat, ema) = self.flat();
-        let (m, v) = self.adam_moments();
-        StateSnapshot {
-            slots: flat.slots.clone(),
-            step: self.global_step(),
-            params: host_copy(&flat.params),
-            ema: host_copy(ema),
-            exp_avg: host_copy(m),
-            exp_avg_sq: host_copy(v),
-        }
-    }
-
     /// The model, EMA and optimizer state as (blob name, safetensors bytes).
     pub fn export_state(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
-        self.snapshot().into_blobs()
+        self.snapshot(&SnapshotPool::default()).into_blobs()
     }
 
     /// Restores a state written by [`Trainer::export_state`] after `step` updates. Every blob

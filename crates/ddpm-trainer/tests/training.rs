@@ -312,7 +312,8 @@ fn a_snapshot_is_isolated_from_later_steps() {
     let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
     tr.step(&x0).unwrap();
     let now = tr.export_state().unwrap();
-    let snap = tr.snapshot();
+    let pool = ddpm_trainer::SnapshotPool::default();
+    let snap = tr.snapshot(&pool);
     assert_eq!(snap.step(), 1);
     // Training goes on while the snapshot waits for the uploader thread.
     tr.step(&x0).unwrap();
@@ -321,4 +322,44 @@ fn a_snapshot_is_isolated_from_later_steps() {
         .unwrap();
     assert_eq!(now, later);
     assert_ne!(tr.export_state().unwrap(), now);
+}
+
+#[test]
+fn snapshot_segments_are_safetensors_and_their_buffers_are_reused() {
+    let _rng = rng_lock();
+    let cfg = tiny_config("");
+    let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
+    tr.step(&images()).unwrap();
+    let pool = ddpm_trainer::SnapshotPool::default();
+    let segments = tr.snapshot(&pool).into_segments().unwrap();
+    let first_ptr = segments[0].1[1].as_ptr();
+    for (name, parts) in &segments {
+        let whole = parts.concat();
+        let st = safetensors::SafeTensors::deserialize(&whole)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let header_len = u64::from_le_bytes(whole[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header_len) % 8, 0, "{name}: data is 8-byte aligned");
+        let expected = if *name == "optimizer.safetensors" {
+            2
+        } else {
+            1
+        };
+        assert_eq!(st.len(), expected * tr.flat().0.slots.len(), "{name}");
+    }
+    // The blobs round-trip through import_state.
+    let blobs: Vec<(String, Vec<u8>)> = segments
+        .iter()
+        .map(|(n, p)| (n.to_string(), p.concat()))
+        .collect();
+    let mut other = Trainer::new(&cfg, Device::Cpu).unwrap();
+    other.import_state(&blobs, 1).unwrap();
+    assert_eq!(other.export_state().unwrap(), tr.export_state().unwrap());
+    // Once the uploader drops the segments, the next snapshot reuses the host buffers.
+    drop(segments);
+    let again = tr.snapshot(&pool).into_segments().unwrap();
+    let ptrs: Vec<*const u8> = again
+        .iter()
+        .flat_map(|(_, p)| p[1..].iter().map(|b| b.as_ptr()))
+        .collect();
+    assert!(ptrs.contains(&first_ptr), "a pooled buffer was reused");
 }

@@ -2,7 +2,7 @@
 
 use super::faulty::{Fault, FaultyStore};
 use bytes::Bytes;
-use ddpm_checkpoint::{CheckpointError, CheckpointStore, UploadPolicy};
+use ddpm_checkpoint::{Blob, CheckpointError, CheckpointStore, UploadPolicy};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -10,10 +10,16 @@ use std::sync::Arc;
 
 pub type Store = (Arc<dyn ObjectStore>, Path);
 
-pub fn blobs(step: u64) -> Vec<(&'static str, Bytes)> {
+pub fn blobs(step: u64) -> Vec<(&'static str, Blob)> {
     vec![
-        ("ema.safetensors", Bytes::from(vec![step as u8; 1000])),
-        ("state.json", Bytes::from(format!("{{\"step\": {step}}}"))),
+        (
+            "ema.safetensors",
+            Bytes::from(vec![step as u8; 1000]).into(),
+        ),
+        (
+            "state.json",
+            Bytes::from(format!("{{\"step\": {step}}}")).into(),
+        ),
     ]
 }
 
@@ -78,7 +84,7 @@ async fn commit_list_load_verify((store, prefix): &Store) {
         ["ema.safetensors", "state.json"]
     );
     assert_eq!(m.config["run"]["name"], "basic");
-    assert_eq!(data[0].1, blobs(20)[0].1);
+    assert_eq!(data[0].1, blobs(20)[0].1.to_bytes());
     let (newest, _) = s.load_newest_verified().await.unwrap().unwrap();
     assert_eq!(newest.step, 20);
     // The writer's claim is gone once the manifest is written.
@@ -89,7 +95,7 @@ async fn commit_list_load_verify((store, prefix): &Store) {
 async fn never_overwritten((store, prefix): &Store) {
     let s = CheckpointStore::new(store.clone(), prefix.clone(), "overwrite").unwrap();
     commit(&s, 5).await;
-    let other = vec![("ema.safetensors", Bytes::from_static(b"different"))];
+    let other = vec![("ema.safetensors", Bytes::from_static(b"different").into())];
     let err = s
         .commit(5, &other, serde_json::Value::Null)
         .await
@@ -250,11 +256,13 @@ async fn multipart((store, prefix): &Store) {
         .map(|i| (i * 7 + i / 4096) as u8)
         .collect();
     let big = Bytes::from(big);
+    // Two segments (a header and a body), so parts straddle a segment boundary.
+    let segmented = Blob::from_segments(vec![big.slice(..100), big.slice(100..)]);
     s.commit(
         7,
         &[
-            ("model.safetensors", big.clone()),
-            ("state.json", Bytes::from_static(b"{}")),
+            ("model.safetensors", segmented),
+            ("state.json", Bytes::from_static(b"{}").into()),
         ],
         serde_json::Value::Null,
     )
@@ -268,8 +276,8 @@ async fn multipart((store, prefix): &Store) {
 async fn two_writers((store, prefix): &Store) {
     let a = CheckpointStore::new(store.clone(), prefix.clone(), "writers").unwrap();
     let b = a.clone();
-    let blob_a = vec![("ema.safetensors", Bytes::from(vec![0xAA; 3000]))];
-    let blob_b = vec![("ema.safetensors", Bytes::from(vec![0xBB; 3000]))];
+    let blob_a: Vec<(&str, Blob)> = vec![("ema.safetensors", vec![0xAA; 3000].into())];
+    let blob_b: Vec<(&str, Blob)> = vec![("ema.safetensors", vec![0xBB; 3000].into())];
     let (ra, rb) = tokio::join!(
         a.commit(9, &blob_a, serde_json::Value::Null),
         b.commit(9, &blob_b, serde_json::Value::Null)
@@ -289,7 +297,11 @@ async fn two_writers((store, prefix): &Store) {
     );
     assert!(loser.to_string().contains("writers/step-9"), "{loser}");
     let (_, data) = a.load(9).await.unwrap();
-    assert_eq!(data[0].1, winner[0].1, "the winner's bytes, intact");
+    assert_eq!(
+        data[0].1,
+        winner[0].1.to_bytes(),
+        "the winner's bytes, intact"
+    );
 }
 
 async fn writer_dies_before_manifest((store, prefix): &Store) {

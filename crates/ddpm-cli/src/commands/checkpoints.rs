@@ -3,11 +3,10 @@
 //! and upload run on the checkpoint uploader's thread.
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use ddpm_checkpoint::{open_url_with, CheckpointJob, CheckpointStore, UploadStats, Uploader};
+use ddpm_checkpoint::{open_url_with, Blob, CheckpointJob, CheckpointStore, UploadStats, Uploader};
 use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
-use ddpm_trainer::Trainer;
+use ddpm_trainer::{SnapshotPool, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -29,6 +28,8 @@ pub struct Checkpoints {
     rt: tokio::runtime::Runtime,
     store: CheckpointStore,
     uploader: Uploader,
+    /// Host buffers reused by every snapshot (one snapshot's worth stays resident).
+    pool: SnapshotPool,
     url: String,
 }
 
@@ -74,6 +75,7 @@ impl Checkpoints {
             rt,
             store,
             uploader,
+            pool: SnapshotPool::default(),
             url,
         })
     }
@@ -153,6 +155,17 @@ impl Checkpoints {
         }))
     }
 
+    /// Allocates the host buffers of the snapshots before training starts (one snapshot's
+    /// worth of host memory, kept for the run), so no checkpoint faults them in mid-run.
+    pub fn prepare(&self, trainer: &Trainer) {
+        let started = Instant::now();
+        trainer.warm_snapshot_pool(&self.pool);
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "snapshot buffers allocated"
+        );
+    }
+
     /// Hands the trainer's state after `trainer.global_step()` updates to the uploader.
     /// Blocks only to wait for the previous checkpoint (logged and counted) and to copy the
     /// state to host memory. Returns the seconds the training thread spent here.
@@ -160,19 +173,19 @@ impl Checkpoints {
         let started = Instant::now();
         let step = trainer.global_step() as u64;
         self.uploader.wait_for_slot(step);
-        let snapshot = trainer.snapshot();
+        let snapshot = trainer.snapshot(&self.pool);
         let state = state_json(step, cursor, cfg);
         self.uploader.submit(CheckpointJob {
             step,
             blobs: Box::new(move || {
-                let mut blobs: Vec<(String, Bytes)> = snapshot
-                    .into_blobs()
+                let mut blobs: Vec<(String, Blob)> = snapshot
+                    .into_segments()
                     .map_err(|e| e.to_string())?
                     .into_iter()
-                    .map(|(n, b)| (n.to_string(), Bytes::from(b)))
+                    .map(|(n, segments)| (n.to_string(), Blob::from_segments(segments)))
                     .collect();
                 let state = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
-                blobs.push((STATE_BLOB.to_string(), Bytes::from(state)));
+                blobs.push((STATE_BLOB.to_string(), Blob::from(state)));
                 Ok(blobs)
             }),
             config: cfg.to_json(),

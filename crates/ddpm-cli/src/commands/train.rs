@@ -132,9 +132,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
             cursor = r.cursor;
             start = r.step;
             tracing::info!(step = r.step, epoch = cursor.epoch, url = %checkpoints.url(), "resumed from checkpoint");
+        } else {
+            // Never silently start a run over whose checkpoints all fail verification.
+            anyhow::ensure!(
+                existing.is_empty(),
+                "run {:?} has checkpoints at steps {existing:?} in {} but none verifies \
+                 (`ddpm ckpt verify` names the blobs); to start over, pass --fresh --overwrite",
+                cfg.run.name,
+                checkpoints.url()
+            );
         }
     }
     checkpoints.take_over(start as u64)?;
+    if start < total {
+        checkpoints.prepare(&trainer);
+    }
     let pb = progress(total as u64, "train");
     pb.set_position(start.min(total) as u64);
     let mut window_start = Instant::now();

@@ -13,6 +13,19 @@ pub fn ddpm(args: &[&str]) -> Output {
         .expect("ddpm runs")
 }
 
+/// Runs `ddpm` with `RUST_LOG=level` and returns (exit status, stderr).
+pub fn ddpm_log(args: &[&str], level: &str) -> (std::process::ExitStatus, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .env("RUST_LOG", level)
+        .output()
+        .expect("ddpm runs");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn ok(args: &[&str]) -> String {
     let out = ddpm(args);
     assert!(
