@@ -20,10 +20,11 @@ pub(crate) fn parse_latest(bytes: &[u8]) -> Option<u64> {
 }
 
 impl CheckpointStore {
-    /// Writes `blobs` for `step`, then the manifest (last, only if absent), then moves the
-    /// `latest` pointer forward. Refuses a step that is already committed before touching
-    /// any of its blobs. Of two writers committing the same step, the create-only manifest
-    /// put lets exactly one win; the other gets [`CheckpointError::AlreadyCommitted`].
+    /// Claims `step` (create-only `writer.lock`, kept for good), writes `blobs`, then the
+    /// manifest (last, only if absent), then moves the `latest` pointer forward. Refuses a
+    /// step that is already committed or claimed before touching any of its blobs, so of two
+    /// writers of the same step exactly one writes blobs; the other gets
+    /// [`CheckpointError::ConcurrentWriter`] or [`CheckpointError::AlreadyCommitted`].
     pub async fn commit(
         &self,
         step: u64,
@@ -31,11 +32,7 @@ impl CheckpointStore {
         config: serde_json::Value,
     ) -> Result<Manifest> {
         let manifest_path = self.object(step, MANIFEST);
-        match self.store.head(&manifest_path).await {
-            Ok(_) => return Err(self.already_committed(step)),
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.ensure_not_committed(step).await?;
         for (name, _) in blobs {
             validate_name("blob", name)?;
             if [MANIFEST, WRITER_LOCK].contains(name) {
@@ -47,7 +44,11 @@ impl CheckpointStore {
             }
         }
         self.claim_step(step).await?;
+        // A writer whose claim was retried could get here after another writer committed.
+        self.ensure_not_committed(step).await?;
         // All blobs at once; each is hashed on the blocking pool while its bytes upload.
+        // join_all, not try_join_all: every upload finishes or aborts its own multipart
+        // upload; none is dropped half way.
         let uploads = blobs.iter().map(|(name, data)| async move {
             let path = self.object(step, name);
             let to_hash = data.clone();
@@ -60,7 +61,10 @@ impl CheckpointStore {
                 sha256: sha256.expect("sha256 task does not panic"),
             })
         });
-        let entries = futures::future::try_join_all(uploads).await?;
+        let entries = futures::future::join_all(uploads)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             run: self.run.clone(),
@@ -79,14 +83,16 @@ impl CheckpointStore {
             .await
         {
             Ok(_) => {}
+            // A retried put whose first attempt landed: the manifest there is ours.
+            Err(object_store::Error::AlreadyExists { .. })
+                if self
+                    .read_manifest(step)
+                    .await
+                    .is_ok_and(|m| m.blobs == manifest.blobs) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
                 return Err(self.already_committed(step))
             }
             Err(e) => return Err(self.upload_failed(step, MANIFEST, e)),
-        }
-        // The manifest is what counts; the claim is only there to keep a second writer out.
-        if let Err(e) = self.store.delete(&self.object(step, WRITER_LOCK)).await {
-            tracing::debug!(run = %self.run, step, error = %e, "could not remove the writer claim");
         }
         if let Err(e) = self.update_latest(step).await {
             // The checkpoint is committed; readers fall back to listing manifests.
@@ -95,8 +101,18 @@ impl CheckpointStore {
         Ok(manifest)
     }
 
+    async fn ensure_not_committed(&self, step: u64) -> Result<()> {
+        match self.store.head(&self.object(step, MANIFEST)).await {
+            Ok(_) => Err(self.already_committed(step)),
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.io(step, MANIFEST, e)),
+        }
+    }
+
     /// Creates `step-N/writer.lock` (create-only) before any blob is written, so a second
-    /// writer of the same step fails before it can overwrite the first one's blobs.
+    /// writer of the same step fails before it can overwrite the first one's blobs. The
+    /// claim stays after the commit (it goes with the checkpoint), so a late second writer
+    /// is refused too.
     async fn claim_step(&self, step: u64) -> Result<()> {
         let me = writer_id();
         let body = serde_json::to_vec(&serde_json::json!({ "writer": me })).expect("json");

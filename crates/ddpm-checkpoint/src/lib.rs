@@ -56,6 +56,30 @@ pub enum CheckpointError {
         /// The other writer's id, as it wrote it.
         holder: String,
     },
+    /// A manifest written by a build with another manifest format.
+    #[error("checkpoint {run}/step-{step}: manifest format {found}, this build reads format {supported} (was it written by a newer version?)")]
+    UnsupportedFormat {
+        /// Run.
+        run: String,
+        /// Step.
+        step: u64,
+        /// Format found.
+        found: u32,
+        /// Format this build reads.
+        supported: u32,
+    },
+    /// A store operation on one object of a checkpoint failed.
+    #[error("checkpoint {run}/step-{step}: {object}: {source}")]
+    Io {
+        /// Run.
+        run: String,
+        /// Step.
+        step: u64,
+        /// Object name.
+        object: String,
+        /// The store's error.
+        source: Box<object_store::Error>,
+    },
     /// A blob failed verification.
     #[error("checkpoint {run}/step-{step}: blob {blob}: {reason}")]
     Corrupt {

@@ -152,29 +152,51 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// Withdraws a committed checkpoint that failed verification: its manifest is kept as
-    /// `<run>/rejected/step-N.json` (with the reason) for inspection and then deleted, so the
-    /// step no longer exists and can be committed again by the writer that resumed before it.
+    /// Withdraws a committed checkpoint that failed verification, so the writer that
+    /// resumed before it can commit that step again. Nothing is deleted: the manifest (first,
+    /// so the checkpoint stops existing) and every blob move to `<run>/rejected/step-N/`
+    /// with a `reason.json` (intact blobs, e.g. the EMA weights, stay usable). The `latest`
+    /// pointer is dropped if it names the step.
     pub async fn reject(&self, step: u64, reason: &str) -> Result<()> {
-        let manifest = self.object(step, MANIFEST);
-        let original = match self.store.get(&manifest).await {
-            Ok(r) => serde_json::from_slice::<serde_json::Value>(&r.bytes().await?)
-                .unwrap_or(serde_json::Value::Null),
-            Err(object_store::Error::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let objects = self.step_objects().await?.remove(&step).unwrap_or_default();
+        let Some(manifest) = objects
+            .iter()
+            .find(|m| m.location.filename() == Some(MANIFEST))
+        else {
+            return Ok(());
         };
-        let record = serde_json::json!({ "reason": reason, "manifest": original });
+        let dest = self.run_dir().join(REJECTED).join(format!("step-{step}"));
+        self.store
+            .rename(&manifest.location, &dest.clone().join(MANIFEST))
+            .await
+            .map_err(|e| self.io(step, MANIFEST, e))?;
+        for o in &objects {
+            let Some(name) = o.location.filename().filter(|n| *n != MANIFEST) else {
+                continue;
+            };
+            if let Err(e) = self
+                .store
+                .rename(&o.location, &dest.clone().join(name))
+                .await
+            {
+                tracing::warn!(run = %self.run, step, object = %o.location, error = %e, "could not move a withdrawn checkpoint's blob");
+            }
+        }
+        let record = serde_json::json!({ "step": step, "reason": reason });
         self.store
             .put(
-                &self
-                    .run_dir()
-                    .join(REJECTED)
-                    .join(format!("step-{step}.json")),
+                &dest.join("reason.json"),
                 serde_json::to_vec_pretty(&record).expect("json").into(),
             )
-            .await?;
-        self.store.delete(&manifest).await?;
-        tracing::warn!(run = %self.run, step, reason, "withdrew a checkpoint that does not verify (its manifest is kept under rejected/)");
+            .await
+            .map_err(|e| self.io(step, "reason.json", e))?;
+        if self.read_latest_pointer().await? == Some(step) {
+            match self.store.delete(&self.latest_path()).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.io(step, crate::layout::LATEST, e)),
+            }
+        }
+        tracing::warn!(run = %self.run, step, reason, "withdrew a checkpoint that does not verify (moved to rejected/)");
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! Writing is in `commit.rs`, deleting in `retention.rs`.
 
 use crate::layout::{parse_step_dir, step_dir, validate_name, LATEST, MANIFEST};
-use crate::manifest::{sha256_hex, Manifest, MANIFEST_FORMAT};
+use crate::manifest::{sha256_hex, BlobEntry, Manifest, MANIFEST_FORMAT};
 use crate::{CheckpointError, Result};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -181,22 +181,24 @@ impl CheckpointStore {
     /// Reads and checks the manifest of `step`.
     pub async fn read_manifest(&self, step: u64) -> Result<Manifest> {
         let bytes = match self.store.get(&self.object(step, MANIFEST)).await {
-            Ok(r) => r.bytes().await?,
+            Ok(r) => r.bytes().await.map_err(|e| self.io(step, MANIFEST, e))?,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(self.bad_manifest(
                     step,
                     "no manifest: the checkpoint was never committed".into(),
                 ))
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.io(step, MANIFEST, e)),
         };
         let m: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| self.bad_manifest(step, format!("not a manifest: {e}")))?;
         if m.format != MANIFEST_FORMAT {
-            return Err(self.bad_manifest(
+            return Err(CheckpointError::UnsupportedFormat {
+                run: self.run.clone(),
                 step,
-                format!("format {} (this build reads {MANIFEST_FORMAT})", m.format),
-            ));
+                found: m.format,
+                supported: MANIFEST_FORMAT,
+            });
         }
         if m.run != self.run || m.step != step {
             return Err(self.bad_manifest(step, format!("describes {}/step-{}", m.run, m.step)));
@@ -209,43 +211,69 @@ impl CheckpointStore {
         let m = self.read_manifest(step).await?;
         let mut out = Vec::with_capacity(m.blobs.len());
         for b in &m.blobs {
-            let data = match self.store.get(&self.object(step, &b.name)).await {
-                Ok(r) => r.bytes().await?,
-                Err(object_store::Error::NotFound { .. }) => {
-                    return Err(self.corrupt(
-                        step,
-                        &b.name,
-                        "listed in the manifest but missing".into(),
-                    ))
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if data.len() as u64 != b.size {
-                return Err(self.corrupt(
-                    step,
-                    &b.name,
-                    format!(
-                        "{} bytes, the manifest says {} (truncated?)",
-                        data.len(),
-                        b.size
-                    ),
-                ));
-            }
-            let sha = sha256_hex(&data);
-            if sha != b.sha256 {
-                return Err(self.corrupt(
-                    step,
-                    &b.name,
-                    format!("sha256 {sha}, the manifest says {}", b.sha256),
-                ));
-            }
-            out.push((b.name.clone(), data));
+            out.push((b.name.clone(), self.fetch_verified(step, b).await?));
         }
         Ok((m, out))
     }
 
+    /// Loads and verifies one blob of `step` (e.g. only `ema.safetensors` for sampling).
+    pub async fn load_blob(&self, step: u64, name: &str) -> Result<Bytes> {
+        let m = self.read_manifest(step).await?;
+        let entry = m
+            .blobs
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| self.corrupt(step, name, "not listed in the manifest".into()))?;
+        self.fetch_verified(step, entry).await
+    }
+
+    async fn fetch_verified(&self, step: u64, b: &BlobEntry) -> Result<Bytes> {
+        let data = match self.store.get(&self.object(step, &b.name)).await {
+            Ok(r) => r.bytes().await.map_err(|e| self.io(step, &b.name, e))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(self.corrupt(
+                    step,
+                    &b.name,
+                    "listed in the manifest but missing".into(),
+                ))
+            }
+            Err(e) => return Err(self.io(step, &b.name, e)),
+        };
+        if data.len() as u64 != b.size {
+            return Err(self.corrupt(
+                step,
+                &b.name,
+                format!(
+                    "{} bytes, the manifest says {} (truncated?)",
+                    data.len(),
+                    b.size
+                ),
+            ));
+        }
+        let sha = sha256_hex(&data);
+        if sha != b.sha256 {
+            return Err(self.corrupt(
+                step,
+                &b.name,
+                format!("sha256 {sha}, the manifest says {}", b.sha256),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// A store error while reading or writing `name` of `step`, naming both.
+    pub(crate) fn io(&self, step: u64, name: &str, source: object_store::Error) -> CheckpointError {
+        CheckpointError::Io {
+            run: self.run.clone(),
+            step,
+            object: name.to_string(),
+            source: Box::new(source),
+        }
+    }
+
     /// The newest committed checkpoint that verifies. Corrupted or torn ones are skipped with
-    /// a warning naming the blob; store errors are returned.
+    /// a warning naming the blob; store errors and manifests of an unsupported format (a
+    /// newer build's checkpoints) are returned as errors, never skipped.
     pub async fn load_newest_verified(&self) -> Result<Option<(Manifest, Vec<(String, Bytes)>)>> {
         for step in self.committed_steps().await?.into_iter().rev() {
             match self.load(step).await {

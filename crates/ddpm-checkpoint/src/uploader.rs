@@ -57,6 +57,7 @@ pub struct Uploader {
     tx: Option<mpsc::Sender<CheckpointJob>>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    handle: tokio::runtime::Handle,
 }
 
 impl Uploader {
@@ -73,6 +74,7 @@ impl Uploader {
             .map_err(|e| {
                 CheckpointError::Internal(format!("starting the uploader runtime: {e}"))
             })?;
+        let handle = rt.handle().clone();
         let (tx, rx) = mpsc::channel::<CheckpointJob>();
         let shared = Arc::new(Shared::default());
         let worker = shared.clone();
@@ -82,7 +84,21 @@ impl Uploader {
                 for job in rx {
                     let step = job.step;
                     let started = Instant::now();
-                    let outcome = run_job(&rt, &store, keep_last, job);
+                    // A panic in a job must not leave the slot taken (training would wait
+                    // for it forever): it counts as a failed checkpoint.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_job(&rt, &store, keep_last, job)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(CheckpointError::Internal(format!(
+                            "checkpoint step-{step}: the uploader panicked: {what}"
+                        )))
+                    });
                     let seconds = started.elapsed().as_secs_f64();
                     let mut last = worker.last.lock().expect("uploader state");
                     match outcome {
@@ -113,6 +129,7 @@ impl Uploader {
             tx: Some(tx),
             shared,
             thread: Some(thread),
+            handle,
         })
     }
 
@@ -156,6 +173,13 @@ impl Uploader {
         while in_flight.is_some() {
             in_flight = self.shared.idle.wait(in_flight).expect("uploader state");
         }
+    }
+
+    /// The uploader's runtime. Run every other request to the same store on it (with
+    /// `handle().block_on(..)` from a non-async thread): HTTP clients keep connections per
+    /// runtime, and a connection opened on a runtime nobody drives would stall the uploads.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 
     /// The counters so far.

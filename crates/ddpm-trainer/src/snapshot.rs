@@ -59,6 +59,9 @@ impl AsRef<[u8]> for PooledBuffer {
     fn as_ref(&self) -> &[u8] {
         let t = self.tensor.as_ref().expect("buffer present until drop");
         let len = t.numel() * 4;
+        if len == 0 {
+            return &[];
+        }
         // SAFETY: `t` is a contiguous float32 CPU tensor of `numel` elements that this value
         // owns exclusively (it came from the pool or a fresh allocation and no other handle
         // to its storage exists), so its storage is `len` initialised, immutable bytes for

@@ -354,8 +354,46 @@ fn snapshot_segments_are_safetensors_and_their_buffers_are_reused() {
     let mut other = Trainer::new(&cfg, Device::Cpu).unwrap();
     other.import_state(&blobs, 1).unwrap();
     assert_eq!(other.export_state().unwrap(), tr.export_state().unwrap());
-    // Once the uploader drops the segments, the next snapshot reuses the host buffers.
+    // The model blob holds the same tensors as the safetensors crate's own serializer writes.
+    let (vs, _) = tr.model();
+    let named: Vec<(String, tch::Tensor)> = tr
+        .flat()
+        .0
+        .slots
+        .iter()
+        .map(|s| (s.name.clone(), vs.variables()[&s.name].shallow_clone()))
+        .collect();
+    let reference = ddpm_trainer::state::safetensors_bytes(&named).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    let ours_bytes = segments[0].1.concat();
+    let ours = safetensors::SafeTensors::deserialize(&ours_bytes).unwrap();
+    assert_eq!(ours.len(), reference.len());
+    for (name, t) in reference.tensors() {
+        let o = ours.tensor(&name).unwrap();
+        assert_eq!(
+            (o.dtype(), o.shape(), o.data()),
+            (t.dtype(), t.shape(), t.data()),
+            "{name}"
+        );
+    }
+    // While the segments are alive their buffers are not handed out again.
+    let live: Vec<*const u8> = segments
+        .iter()
+        .flat_map(|(_, p)| p[1..].iter().map(|b| b.as_ptr()))
+        .collect();
+    let other = tr.snapshot(&pool).into_segments().unwrap();
+    for (_, p) in &other {
+        for b in &p[1..] {
+            assert!(
+                !live.contains(&b.as_ptr()),
+                "a live buffer was handed out twice"
+            );
+        }
+    }
+    // Once the uploader drops the segments, the next snapshot reuses the host buffers (the
+    // pool keeps one snapshot's worth: the first four returned).
     drop(segments);
+    drop(other);
     let again = tr.snapshot(&pool).into_segments().unwrap();
     let ptrs: Vec<*const u8> = again
         .iter()

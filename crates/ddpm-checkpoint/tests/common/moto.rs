@@ -95,7 +95,8 @@ impl Moto {
             ("aws_allow_http", "true".into()),
             ("aws_region", "us-east-1".into()),
             ("aws_access_key_id", "test".into()),
-            ("aws_secret_access_key", "test".into()),
+            // Distinctive, so tests can check it is never written out.
+            ("aws_secret_access_key", "moto-secret-never-stored".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

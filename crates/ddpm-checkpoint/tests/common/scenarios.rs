@@ -87,9 +87,9 @@ async fn commit_list_load_verify((store, prefix): &Store) {
     assert_eq!(data[0].1, blobs(20)[0].1.to_bytes());
     let (newest, _) = s.load_newest_verified().await.unwrap().unwrap();
     assert_eq!(newest.step, 20);
-    // The writer's claim is gone once the manifest is written.
+    // The writer's claim stays with the checkpoint: a late second writer is refused.
     let left = list(store, &prefix.clone().join("basic").join("step-20")).await;
-    assert!(!left.iter().any(|p| p.ends_with("writer.lock")), "{left:?}");
+    assert!(left.iter().any(|p| p.ends_with("writer.lock")), "{left:?}");
 }
 
 async fn never_overwritten((store, prefix): &Store) {
@@ -143,22 +143,31 @@ async fn corrupted_and_truncated_fall_back((store, prefix): &Store) {
     // The writer that resumed from step 1 withdraws step 3 and can commit it again.
     s.reject(3, "ema.safetensors is truncated").await.unwrap();
     assert_eq!(s.committed_steps().await.unwrap(), vec![1, 2]);
-    let kept = store
-        .get(
-            &prefix
-                .clone()
-                .join("corrupt")
-                .join("rejected")
-                .join("step-3.json"),
-        )
-        .await
+    let rejected = prefix
+        .clone()
+        .join("corrupt")
+        .join("rejected")
+        .join("step-3");
+    let read = |name: &'static str| {
+        let p = rejected.clone().join(name);
+        async move {
+            let b = store.get(&p).await.unwrap().bytes().await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&b).unwrap()
+        }
+    };
+    assert_eq!(read("manifest.json").await["step"], 3);
+    assert!(read("reason.json").await["reason"]
+        .as_str()
         .unwrap()
-        .bytes()
+        .contains("truncated"));
+    let moved = list(store, &rejected).await;
+    assert!(
+        moved.iter().any(|p| p.ends_with("ema.safetensors")),
+        "{moved:?}"
+    );
+    assert!(list(store, &prefix.clone().join("corrupt").join("step-3"))
         .await
-        .unwrap();
-    let kept: serde_json::Value = serde_json::from_slice(&kept).unwrap();
-    assert_eq!(kept["manifest"]["step"], 3);
-    assert!(kept["reason"].as_str().unwrap().contains("truncated"));
+        .is_empty());
     commit(&s, 3).await;
     s.load(3).await.unwrap();
     s.reject(3, "again").await.unwrap();

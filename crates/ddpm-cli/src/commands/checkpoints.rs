@@ -23,9 +23,8 @@ pub struct Resumed {
     pub blobs: Vec<(String, Vec<u8>)>,
 }
 
-/// The checkpoints of one run: reads on a small runtime here, writes on the uploader.
+/// The checkpoints of one run: every store request runs on the uploader's runtime.
 pub struct Checkpoints {
-    rt: tokio::runtime::Runtime,
     store: CheckpointStore,
     uploader: Uploader,
     /// Host buffers reused by every snapshot (one snapshot's worth stays resident).
@@ -43,7 +42,9 @@ pub fn root_url(cfg: &Config, out: &Path) -> Result<String> {
     let abs = dir
         .canonicalize()
         .with_context(|| format!("resolving {}", dir.display()))?;
-    Ok(format!("file://{}", abs.display()))
+    let url = url::Url::from_directory_path(&abs)
+        .map_err(|()| anyhow::anyhow!("{} is not an absolute directory path", abs.display()))?;
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 /// The state.json of a checkpoint.
@@ -66,13 +67,9 @@ impl Checkpoints {
         let (store, prefix) = open_url_with(&url, &cfg.checkpoint.options)
             .with_context(|| "checkpoint.url / checkpoint.options")?;
         let store = CheckpointStore::new(store, prefix, &cfg.run.name).context("run.name")?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         let uploader = Uploader::spawn(store.clone(), cfg.checkpoint.keep_last as usize)
             .context("checkpoint.keep_last")?;
         Ok(Self {
-            rt,
             store,
             uploader,
             pool: SnapshotPool::default(),
@@ -87,17 +84,23 @@ impl Checkpoints {
 
     /// Steps with a committed manifest.
     pub fn committed(&self) -> Result<Vec<u64>> {
-        Ok(self.rt.block_on(self.store.committed_steps())?)
+        Ok(self
+            .uploader
+            .handle()
+            .block_on(self.store.committed_steps())?)
     }
 
     /// Deletes every checkpoint of the run (the user asked to start over).
     pub fn delete_run(&self) -> Result<Vec<u64>> {
-        Ok(self.rt.block_on(self.store.delete_run())?)
+        Ok(self.uploader.handle().block_on(self.store.delete_run())?)
     }
 
     /// Deletes the given committed checkpoints.
     pub fn delete_steps(&self, steps: &[u64]) -> Result<()> {
-        Ok(self.rt.block_on(self.store.delete_steps(steps))?)
+        Ok(self
+            .uploader
+            .handle()
+            .block_on(self.store.delete_steps(steps))?)
     }
 
     /// Makes this process the run's writer, continuing after `step`: committed checkpoints
@@ -106,12 +109,15 @@ impl Checkpoints {
     /// manifest) are removed.
     pub fn take_over(&self, step: u64) -> Result<()> {
         for newer in self.committed()?.into_iter().filter(|s| *s > step) {
-            self.rt.block_on(self.store.reject(
+            self.uploader.handle().block_on(self.store.reject(
                 newer,
                 &format!("does not verify; training resumed from step {step}"),
             ))?;
         }
-        let cleaned = self.rt.block_on(self.store.remove_uncommitted())?;
+        let cleaned = self
+            .uploader
+            .handle()
+            .block_on(self.store.remove_uncommitted())?;
         if !cleaned.is_empty() {
             tracing::warn!(steps = ?cleaned, url = %self.url, "removed uncommitted checkpoint blobs left by an earlier writer");
         }
@@ -122,14 +128,22 @@ impl Checkpoints {
     /// verifies (newer corrupted ones are skipped with a warning naming the blob).
     pub fn load(&self, step: Option<u64>) -> Result<Option<Resumed>> {
         let (m, blobs) = match step {
-            Some(s) => self.rt.block_on(self.store.load(s)).with_context(|| {
-                format!(
-                    "--resume {s}: checkpoint {}/step-{s} in {}",
-                    self.store.run(),
-                    self.url
-                )
-            })?,
-            None => match self.rt.block_on(self.store.load_newest_verified())? {
+            Some(s) => self
+                .uploader
+                .handle()
+                .block_on(self.store.load(s))
+                .with_context(|| {
+                    format!(
+                        "--resume {s}: checkpoint {}/step-{s} in {}",
+                        self.store.run(),
+                        self.url
+                    )
+                })?,
+            None => match self
+                .uploader
+                .handle()
+                .block_on(self.store.load_newest_verified())?
+            {
                 Some(found) => found,
                 None => return Ok(None),
             },

@@ -124,11 +124,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 .copied()
                 .filter(|s| *s as i64 > r.step)
                 .collect();
+            // Restore first: if the state does not fit the model, nothing has been deleted.
+            trainer.import_state(&r.blobs, r.step)?;
             if a.resume.is_some() && !newer.is_empty() {
                 checkpoints.delete_steps(&newer)?;
                 tracing::warn!(steps = ?newer, "--resume --overwrite: deleted the newer checkpoints");
             }
-            trainer.import_state(&r.blobs, r.step)?;
             cursor = r.cursor;
             start = r.step;
             tracing::info!(step = r.step, epoch = cursor.epoch, url = %checkpoints.url(), "resumed from checkpoint");
@@ -188,6 +189,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         let every = cfg.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || done == total {
+            // Never checkpoint a diverged state that a resume would then continue from.
+            let loss = stats.loss.double_value(&[]);
+            anyhow::ensure!(
+                loss.is_finite(),
+                "step {done}: the loss is {loss}; not checkpointing this state, stopping (lower train.lr?)"
+            );
             stall += checkpoints.submit(&trainer, &cursor, &cfg);
             submitted = Some(done as u64);
         }
