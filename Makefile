@@ -9,6 +9,8 @@ FMNIST := .data/fashion-mnist/train-images-idx3-ubyte.gz
 CARGO ?= cargo
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
+SKIMAGE_VERSION := 0.26.0
+PHOTOS_STAMP := .tools/photos/.installed-$(SKIMAGE_VERSION)
 
 .PHONY: all setup libtorch data test-tools test lint fmt quickstart bench parity-fixtures clean-libtorch
 
@@ -33,8 +35,19 @@ data: $(FMNIST)
 $(FMNIST):
 	bash scripts/fetch-fashion-mnist.sh .data/fashion-mnist
 
-## test-tools: moto_server (a local S3 API the checkpoint tests talk to) into .tools/moto
-test-tools: $(MOTO_STAMP)
+## test-tools: moto_server (a local S3 API the checkpoint tests talk to) into .tools/moto,
+## and real photos (scikit-image's sample images) into .tools/photos for the dataset tests
+test-tools: $(MOTO_STAMP) $(PHOTOS_STAMP)
+
+$(PHOTOS_STAMP):
+	rm -rf .tools/photos .tools/wheels
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		-d .tools/wheels scikit-image==$(SKIMAGE_VERSION)
+	mkdir -p .tools/photos
+	cd .tools/photos && $(PYTHON) -m zipfile -e ../wheels/scikit_image-*.whl unpacked && \
+		cp unpacked/skimage/data/{astronaut,chelsea,coffee,rocket,motorcycle_left,camera}.* . && \
+		rm -rf unpacked ../wheels
+	touch $@
 
 $(MOTO_STAMP):
 	rm -rf .tools/moto

@@ -89,6 +89,24 @@ pub struct DataConfig {
     pub pad: i64,
     /// Random horizontal flips with p = 0.5.
     pub random_flip: bool,
+    /// What to do with an image that cannot be decoded: `fail` (stop, naming it) or `skip`
+    /// (leave it out and count it, up to `max_bad_fraction`).
+    pub on_bad_sample: BadSamplePolicy,
+    /// With `on_bad_sample = "skip"`: the largest share of the dataset that may be skipped
+    /// before reading fails anyway.
+    pub max_bad_fraction: f64,
+    /// Threads that decode and preprocess images (0: one per CPU).
+    pub workers: i64,
+}
+
+/// `data.on_bad_sample`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadSamplePolicy {
+    /// Stop with an error naming the sample.
+    Fail,
+    /// Leave the sample out, count it, and fail past `max_bad_fraction`.
+    Skip,
 }
 
 impl Default for DataConfig {
@@ -99,6 +117,9 @@ impl Default for DataConfig {
             channels: 3,
             pad: 0,
             random_flip: true,
+            on_bad_sample: BadSamplePolicy::Fail,
+            max_bad_fraction: 0.001,
+            workers: 0,
         }
     }
 }

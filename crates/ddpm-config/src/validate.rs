@@ -56,6 +56,15 @@ impl Config {
         if d.pad < 0 || d.pad > 64 {
             return fail("data.pad", format!("expected 0..=64, got {}", d.pad));
         }
+        if !(0.0..=1.0).contains(&d.max_bad_fraction) {
+            return fail(
+                "data.max_bad_fraction",
+                format!("expected 0..=1, got {}", d.max_bad_fraction),
+            );
+        }
+        if d.workers < 0 {
+            return fail("data.workers", format!("expected >= 0, got {}", d.workers));
+        }
 
         let m = &self.model;
         if m.ch <= 0 || m.ch % 32 != 0 {

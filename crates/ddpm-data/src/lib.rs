@@ -3,8 +3,12 @@
 //! the sample order.
 
 pub mod cifar10;
+pub mod decode;
+pub mod encoded;
 pub mod epoch;
+pub mod folder;
 pub mod idx;
+pub mod lsun;
 pub mod source;
 
 pub use source::{open_source, ImageSet};
@@ -28,6 +32,29 @@ pub enum DataError {
         /// What was expected and what was found.
         reason: String,
     },
+    /// An image that cannot be decoded; `origin` is the file, LMDB key, or shard and index.
+    #[error("{origin}: cannot decode the image: {reason}")]
+    Decode {
+        /// Where the image came from.
+        origin: String,
+        /// Why.
+        reason: String,
+    },
+    /// More images failed to decode than `data.max_bad_fraction` allows.
+    #[error("{bad} of {total} images could not be read or decoded, more than data.max_bad_fraction = {max_fraction} (the first: {first})")]
+    TooManyBad {
+        /// Images skipped.
+        bad: usize,
+        /// Images in the source.
+        total: usize,
+        /// The configured limit.
+        max_fraction: f64,
+        /// The first bad image and why.
+        first: String,
+    },
+    /// A bug or an impossible request inside this crate.
+    #[error("{0}")]
+    Internal(String),
     /// A `data.source` value that cannot be used.
     #[error("data.source {source_spec:?}: {reason}")]
     Source {

@@ -89,9 +89,39 @@ pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
             let n = c.labels.len() as i64;
             Tensor::from_slice(&c.pixels).view([n, 3, 32, 32])
         }
+        "lsun" | "folder" => {
+            let done = std::sync::atomic::AtomicUsize::new(0);
+            let report = |n: usize| {
+                let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                if d % 10_000 == 0 {
+                    tracing::info!(images = d, source = %cfg.source, "decoding");
+                }
+            };
+            let p = if kind == "lsun" {
+                crate::encoded::preprocess_all(
+                    crate::encoded::lsun_items(Path::new(path))?.into_iter(),
+                    cfg,
+                    &report,
+                )?
+            } else {
+                crate::encoded::preprocess_all(
+                    crate::encoded::folder_items(Path::new(path))?,
+                    cfg,
+                    &report,
+                )?
+            };
+            for (origin, reason) in p.skipped.iter().take(10) {
+                tracing::warn!(%origin, %reason, "skipped an image that cannot be decoded (data.on_bad_sample = \"skip\")");
+            }
+            if !p.skipped.is_empty() {
+                tracing::warn!(skipped = p.skipped.len(), kept = p.count, "images skipped");
+            }
+            let r = cfg.resolution;
+            Tensor::from_slice(&p.pixels).view([p.count as i64, cfg.channels, r, r])
+        }
         other => {
             return Err(src_err(format!(
-                "dataset kind `{other}` is not readable by this version (supported: idx, cifar10, cifar10-test)"
+                "dataset kind `{other}` is not readable by this version (supported: idx, cifar10, cifar10-test, lsun, folder)"
             )))
         }
     };

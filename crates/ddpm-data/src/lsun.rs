@@ -1,0 +1,118 @@
+//! LSUN as distributed: one LMDB environment per category and split (`data.mdb`,
+//! `lock.mdb`), keys 40-character hex ids, values encoded images (WebP in current exports,
+//! JPEG in older ones). Opened read-only without a lock file, so it works on read-only
+//! mounts and never writes next to the data.
+
+use crate::{DataError, Result};
+use heed::types::Bytes;
+use heed::{Database, Env, EnvFlags, EnvOpenOptions};
+use std::path::{Path, PathBuf};
+
+/// An LSUN LMDB environment, open read-only.
+pub struct LsunDb {
+    env: Env,
+    db: Database<Bytes, Bytes>,
+    path: PathBuf,
+}
+
+fn lmdb_err(path: &Path, what: &str, e: heed::Error) -> DataError {
+    DataError::Format {
+        path: path.display().to_string(),
+        reason: format!("{what}: {e}"),
+    }
+}
+
+impl LsunDb {
+    /// Opens the environment in `dir` (the directory holding `data.mdb`).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let data = dir.join("data.mdb");
+        let size = std::fs::metadata(&data)
+            .map_err(|e| DataError::Format {
+                path: dir.display().to_string(),
+                reason: format!("not an LSUN LMDB directory: {} ({e})", data.display()),
+            })?
+            .len() as usize;
+        // The map must cover the file; round up to a generous multiple of the page size.
+        let map_size = (size / (1 << 20) + 1) << 20;
+        let mut opts = EnvOpenOptions::new();
+        opts.map_size(map_size).max_dbs(0);
+        // SAFETY: READ_ONLY | NO_LOCK: no lock file is created or used. That is sound as long
+        // as nobody writes the environment while we read it, which holds for a dataset
+        // export (LSUN is never written after it is published); the docs say so.
+        let env = unsafe {
+            opts.flags(EnvFlags::READ_ONLY | EnvFlags::NO_LOCK);
+            opts.open(dir)
+        }
+        .map_err(|e| lmdb_err(dir, "opening the LMDB environment read-only", e))?;
+        let rtxn = env
+            .read_txn()
+            .map_err(|e| lmdb_err(dir, "starting a read transaction", e))?;
+        let db: Database<Bytes, Bytes> = env
+            .open_database(&rtxn, None)
+            .map_err(|e| lmdb_err(dir, "opening the main database", e))?
+            .ok_or_else(|| DataError::Format {
+                path: dir.display().to_string(),
+                reason: "the LMDB environment has no main database".into(),
+            })?;
+        drop(rtxn);
+        Ok(Self {
+            env,
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> Result<usize> {
+        let rtxn = self
+            .env
+            .read_txn()
+            .map_err(|e| lmdb_err(&self.path, "read transaction", e))?;
+        Ok(self
+            .db
+            .len(&rtxn)
+            .map_err(|e| lmdb_err(&self.path, "counting entries", e))? as usize)
+    }
+
+    /// Whether the database has no entries.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Calls `f(key, value)` for every entry in key order, from the `skip`-th on. Keys must
+    /// be 40-character hex ids; any other key is an error naming it.
+    pub fn for_each(
+        &self,
+        skip: usize,
+        mut f: impl FnMut(&str, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let rtxn = self
+            .env
+            .read_txn()
+            .map_err(|e| lmdb_err(&self.path, "read transaction", e))?;
+        let iter = self
+            .db
+            .iter(&rtxn)
+            .map_err(|e| lmdb_err(&self.path, "iterating", e))?;
+        for item in iter.skip(skip) {
+            let (key, value) = item.map_err(|e| lmdb_err(&self.path, "reading an entry", e))?;
+            let key = std::str::from_utf8(key)
+                .ok()
+                .filter(|k| k.len() == 40 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(|| DataError::Format {
+                    path: self.path.display().to_string(),
+                    reason: format!(
+                        "key {:?} is not a 40-character hex id (is this an LSUN export?)",
+                        String::from_utf8_lossy(key)
+                    ),
+                })?;
+            f(key, value)?;
+        }
+        Ok(())
+    }
+
+    /// The directory of the environment.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
