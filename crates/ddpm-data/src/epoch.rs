@@ -74,9 +74,95 @@ impl Cursor {
     }
 }
 
+impl Cursor {
+    /// One data-parallel step: takes the next global batch of `world * per_rank` samples
+    /// (continuing into the next epoch when needed) and returns the `rank`-th slice of
+    /// `per_rank`. Every rank keeps an identical cursor and calls this with its own `rank`,
+    /// so the ranks' slices partition the global stream: within an epoch no sample is lost
+    /// or seen twice, for any world size. The cursor (epoch, position) counts global samples,
+    /// so a run saved at one world size resumes at another with the rest of the epoch dealt
+    /// to the new ranks.
+    pub fn next_rank_batch(
+        &mut self,
+        n: usize,
+        per_rank: usize,
+        world: usize,
+        rank: usize,
+        seed: u64,
+    ) -> Vec<u32> {
+        assert!(
+            world > 0 && rank < world,
+            "rank {rank} of world size {world}"
+        );
+        let global = self.next_batch(n, per_rank * world, seed);
+        global[rank * per_rank..(rank + 1) * per_rank].to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first `len` samples of the stream of epochs (epoch 0's permutation, then 1's...).
+    fn stream(n: usize, seed: u64, len: usize) -> Vec<u32> {
+        (0..)
+            .flat_map(|e| epoch_permutation(n, seed, e))
+            .take(len)
+            .collect()
+    }
+
+    #[test]
+    fn ranks_partition_every_epoch_for_any_world_size() {
+        for n in [1usize, 10, 37] {
+            for world in 1..=5 {
+                for per_rank in [1usize, 3, 7] {
+                    let steps = 3 * n / (world * per_rank) + 2; // several epochs
+                    let mut cursors = vec![Cursor::default(); world];
+                    let mut seen = Vec::new();
+                    for _ in 0..steps {
+                        for (rank, c) in cursors.iter_mut().enumerate() {
+                            seen.extend(c.next_rank_batch(n, per_rank, world, rank, 9));
+                        }
+                    }
+                    assert_eq!(
+                        seen,
+                        stream(n, 9, seen.len()),
+                        "n {n} world {world} batch {per_rank}"
+                    );
+                    // So each complete epoch holds every sample exactly once.
+                    for epoch in seen.chunks_exact(n) {
+                        let mut e = epoch.to_vec();
+                        e.sort_unstable();
+                        assert_eq!(e, (0..n as u32).collect::<Vec<_>>());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_saved_cursor_resumes_at_another_world_size_without_loss_or_repeats() {
+        let (n, seed) = (37usize, 4u64);
+        for (w1, w2) in [(4usize, 2usize), (2, 5), (3, 1), (1, 3)] {
+            let mut seen = Vec::new();
+            let mut cursors = vec![Cursor::default(); w1];
+            for _ in 0..5 {
+                for (rank, c) in cursors.iter_mut().enumerate() {
+                    seen.extend(c.next_rank_batch(n, 3, w1, rank, seed));
+                }
+            }
+            // Checkpointed as (epoch, position); every rank had the same cursor.
+            let saved = (cursors[0].epoch, cursors[0].position);
+            assert!(cursors.iter().all(|c| (c.epoch, c.position) == saved));
+            let mut resumed = vec![Cursor::at(saved.0, saved.1); w2];
+            for _ in 0..6 {
+                for (rank, c) in resumed.iter_mut().enumerate() {
+                    seen.extend(c.next_rank_batch(n, 3, w2, rank, seed));
+                }
+            }
+            assert_eq!(seen, stream(n, seed, seen.len()), "{w1} -> {w2} ranks");
+        }
+    }
 
     #[test]
     fn permutation_is_deterministic_and_complete() {
