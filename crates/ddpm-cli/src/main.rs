@@ -30,6 +30,9 @@ enum Command {
     Nll(commands::nll::NllArgs),
     /// Convert weights between this project's names and diffusers' UNet2DModel.
     Convert(commands::convert::ConvertArgs),
+    /// Preprocess a dataset (LSUN LMDB, image folder, CIFAR-10, IDX) once into shards in an
+    /// object store; train from it with `data.source = "shards:URL"`.
+    Prepare(commands::prepare::PrepareArgs),
     /// Checkpoints in object storage: ls, inspect, verify, export.
     #[command(subcommand)]
     Ckpt(commands::ckpt::CkptCommand),
@@ -63,5 +66,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Nll(a) => commands::nll::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Ckpt(c) => commands::ckpt::run(c),
+        Command::Prepare(a) => commands::prepare::run(a),
     }
 }

@@ -87,7 +87,12 @@ impl Config {
     /// checkpoints and run directories, credentials must not be.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
-        for (k, v) in c.checkpoint.options.iter_mut() {
+        for (k, v) in c
+            .checkpoint
+            .options
+            .iter_mut()
+            .chain(c.data.options.iter_mut())
+        {
             let k = k.to_ascii_lowercase();
             if ["secret", "key", "token", "password", "sas", "credential"]
                 .iter()

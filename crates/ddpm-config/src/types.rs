@@ -97,6 +97,9 @@ pub struct DataConfig {
     pub max_bad_fraction: f64,
     /// Threads that decode and preprocess images (0: one per CPU).
     pub workers: i64,
+    /// Store options for a `shards:URL` source (object_store key names, as
+    /// `[checkpoint.options]`); credential-like values are redacted when written out.
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// `data.on_bad_sample`.
@@ -120,6 +123,7 @@ impl Default for DataConfig {
             on_bad_sample: BadSamplePolicy::Fail,
             max_bad_fraction: 0.001,
             workers: 0,
+            options: Default::default(),
         }
     }
 }

@@ -41,7 +41,19 @@ fn workers(cfg: &DataConfig) -> usize {
 /// `data.channels`, in order, on `data.workers` threads. A sample that cannot be read or
 /// decoded stops everything (`on_bad_sample = "fail"`, the error names it) or is skipped and
 /// counted (`"skip"`); more than `max_bad_fraction` skipped is an error too.
+/// [`preprocess_chunk`] is the same without the fraction check, for one shard of many.
 pub fn preprocess_all(
+    items: impl Iterator<Item = Encoded>,
+    cfg: &DataConfig,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Preprocessed> {
+    let out = preprocess_chunk(items, cfg, progress)?;
+    check_bad_fraction(out.count + out.skipped.len(), &out.skipped, cfg)?;
+    Ok(out)
+}
+
+/// [`preprocess_all`] without the `max_bad_fraction` check (a shard of a larger dataset).
+pub fn preprocess_chunk(
     items: impl Iterator<Item = Encoded>,
     cfg: &DataConfig,
     progress: &(dyn Fn(usize) + Sync),
@@ -102,21 +114,29 @@ pub fn preprocess_all(
             }
         }
     }
-    let total = out.count + out.skipped.len();
+    Ok(out)
+}
+
+/// Fails when more than `data.max_bad_fraction` of `total` items were skipped (or there are
+/// no items at all); the error names the first skipped one.
+pub fn check_bad_fraction(
+    total: usize,
+    skipped: &[(String, String)],
+    cfg: &DataConfig,
+) -> Result<()> {
     if total == 0 {
         return Err(DataError::Internal("the dataset has no samples".into()));
     }
-    let frac = out.skipped.len() as f64 / total as f64;
-    if frac > cfg.max_bad_fraction {
-        let (origin, reason) = &out.skipped[0];
+    if skipped.len() as f64 / total as f64 > cfg.max_bad_fraction {
+        let (origin, reason) = &skipped[0];
         return Err(DataError::TooManyBad {
-            bad: out.skipped.len(),
+            bad: skipped.len(),
             total,
             max_fraction: cfg.max_bad_fraction,
             first: format!("{origin}: {reason}"),
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The samples of an image folder, read lazily (a read error is the sample's error).

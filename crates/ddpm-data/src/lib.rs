@@ -9,6 +9,8 @@ pub mod epoch;
 pub mod folder;
 pub mod idx;
 pub mod lsun;
+pub mod prepare;
+pub mod shards;
 pub mod source;
 
 pub use source::{open_source, ImageSet};

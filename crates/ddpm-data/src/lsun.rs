@@ -22,6 +22,20 @@ fn lmdb_err(path: &Path, what: &str, e: heed::Error) -> DataError {
     }
 }
 
+/// An LSUN key: 40 ASCII hex digits.
+fn check_key<'a>(path: &Path, key: &'a [u8]) -> Result<&'a str> {
+    std::str::from_utf8(key)
+        .ok()
+        .filter(|k| k.len() == 40 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| DataError::Format {
+            path: path.display().to_string(),
+            reason: format!(
+                "key {:?} is not a 40-character hex id (is this an LSUN export?)",
+                String::from_utf8_lossy(key)
+            ),
+        })
+}
+
 impl LsunDb {
     /// Opens the environment in `dir` (the directory holding `data.mdb`).
     pub fn open(dir: &Path) -> Result<Self> {
@@ -79,11 +93,12 @@ impl LsunDb {
         Ok(self.len()? == 0)
     }
 
-    /// Calls `f(key, value)` for every entry in key order, from the `skip`-th on. Keys must
-    /// be 40-character hex ids; any other key is an error naming it.
-    pub fn for_each(
+    /// Calls `f(key, value)` for up to `take` entries in key order, from the `skip`-th on.
+    /// Keys must be 40-character hex ids; any other key is an error naming it.
+    pub fn for_each_in(
         &self,
         skip: usize,
+        take: usize,
         mut f: impl FnMut(&str, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let rtxn = self
@@ -94,21 +109,26 @@ impl LsunDb {
             .db
             .iter(&rtxn)
             .map_err(|e| lmdb_err(&self.path, "iterating", e))?;
-        for item in iter.skip(skip) {
+        for item in iter.skip(skip).take(take) {
             let (key, value) = item.map_err(|e| lmdb_err(&self.path, "reading an entry", e))?;
-            let key = std::str::from_utf8(key)
-                .ok()
-                .filter(|k| k.len() == 40 && k.bytes().all(|b| b.is_ascii_hexdigit()))
-                .ok_or_else(|| DataError::Format {
-                    path: self.path.display().to_string(),
-                    reason: format!(
-                        "key {:?} is not a 40-character hex id (is this an LSUN export?)",
-                        String::from_utf8_lossy(key)
-                    ),
-                })?;
-            f(key, value)?;
+            f(check_key(&self.path, key)?, value)?;
         }
         Ok(())
+    }
+
+    /// [`LsunDb::for_each_in`] over every entry from the `skip`-th on.
+    pub fn for_each(&self, skip: usize, f: impl FnMut(&str, &[u8]) -> Result<()>) -> Result<()> {
+        self.for_each_in(skip, usize::MAX, f)
+    }
+
+    /// Up to `take` entries from the `skip`-th on, in key order: (origin, encoded bytes).
+    pub fn range(&self, skip: usize, take: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::with_capacity(take.min(1 << 16));
+        self.for_each_in(skip, take, |key, value| {
+            out.push((format!("{} key {key}", self.path.display()), value.to_vec()));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// The directory of the environment.

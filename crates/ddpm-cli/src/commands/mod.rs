@@ -5,6 +5,7 @@ pub mod ckpt;
 pub mod convert;
 pub mod inspect;
 pub mod nll;
+pub mod prepare;
 pub mod sample;
 pub mod train;
 
