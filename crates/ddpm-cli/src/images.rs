@@ -1,7 +1,6 @@
 //! Image files in and out: sample grids, and images read for interpolation.
 
 use anyhow::{bail, Context, Result};
-use image::imageops::FilterType;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -56,22 +55,15 @@ pub fn save_grid(x: &Tensor, cols: i64, path: &Path) -> Result<()> {
 /// Reads an image, centre-crops it to a square, resizes it to `resolution` with a
 /// Lanczos-3 (antialiasing) filter, and returns `[1, channels, R, R]` in [-1, 1].
 pub fn load_image(path: &Path, resolution: i64, channels: i64) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("reading image {}", path.display()))?;
-    let side = img.width().min(img.height());
-    let (x0, y0) = ((img.width() - side) / 2, (img.height() - side) / 2);
-    let img = img.crop_imm(x0, y0, side, side).resize_exact(
-        resolution as u32,
-        resolution as u32,
-        FilterType::Lanczos3,
+    anyhow::ensure!(
+        matches!(channels, 1 | 3),
+        "data.channels = {channels}: expected 1 or 3"
     );
-    let (bytes, c) = match channels {
-        1 => (img.to_luma8().into_raw(), 1),
-        3 => (img.to_rgb8().into_raw(), 3),
-        other => bail!("data.channels = {other}: expected 1 or 3"),
-    };
-    let t = Tensor::from_slice(&bytes)
-        .view([1, resolution, resolution, c])
-        .permute([0, 3, 1, 2]);
+    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    // The same decoding and preprocessing as the dataset pipeline.
+    let img = ddpm_data::decode::decode(&bytes, &path.display().to_string())?;
+    let chw = ddpm_data::decode::center_crop_resize(&img, resolution as u32, channels as u8)?;
+    let t = Tensor::from_slice(&chw).view([1, channels, resolution, resolution]);
     Ok(t.to_kind(Kind::Float) / 127.5 - 1.0)
 }
 

@@ -115,6 +115,29 @@ fn photos_are_prepared_resumed_verified_and_trained_on() {
     let text = ok(&prepare_args(&src, &out));
     assert!(text.contains("already prepared"), "{text}");
 
+    // An unfinished prepare with other parameters is not mixed into: the difference is named.
+    std::fs::remove_file(out_dir.join("dataset.json")).unwrap();
+    let mut other = prepare_args(&src, &out);
+    other[8] = "3"; // --shard-size
+    let err = fails(&other);
+    assert!(
+        err.contains("unfinished prepare") && err.contains("\"shard_size\":3"),
+        "{err}"
+    );
+    ok(&prepare_args(&src, &out));
+    let err = fails(&[
+        "prepare",
+        "--source",
+        &src,
+        "--resolution",
+        "16",
+        "--pad",
+        "2",
+        "--out",
+        &out,
+    ]);
+    assert!(err.contains("--pad applies to idx: and cifar10:"), "{err}");
+
     // Train from it.
     let cfg = root.join("shards.toml");
     std::fs::write(

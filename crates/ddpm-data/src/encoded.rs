@@ -81,13 +81,28 @@ pub fn preprocess_chunk(
                             let i = next.fetch_add(1, Ordering::Relaxed);
                             let Some(item) = chunk.get(i) else { break done };
                             let r = match &item.bytes {
-                                Ok(b) => decode(b, &item.origin)
-                                    .and_then(|img| center_crop_resize(&img, res, channels)),
-                                Err(e) => Err(DataError::Decode {
-                                    origin: item.origin.clone(),
-                                    reason: e.to_string(),
+                                // A decoder that panics on a hostile file is a bad sample.
+                                Ok(b) => {
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        decode(b, &item.origin)
+                                            .and_then(|img| center_crop_resize(&img, res, channels))
+                                    }))
+                                    .unwrap_or_else(|_| {
+                                        Err(DataError::Internal("the decoder panicked".into()))
+                                    })
+                                }
+                                Err(e) => Err(DataError::Io {
+                                    path: item.origin.clone(),
+                                    source: std::io::Error::other(e.to_string()),
                                 }),
-                            };
+                            }
+                            .map_err(|e| match e {
+                                e @ DataError::Decode { .. } => e,
+                                other => DataError::Decode {
+                                    origin: item.origin.clone(),
+                                    reason: other.to_string(),
+                                },
+                            });
                             progress(1);
                             done.push((i, r));
                         }

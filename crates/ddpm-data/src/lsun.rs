@@ -121,6 +121,32 @@ impl LsunDb {
         self.for_each_in(skip, usize::MAX, f)
     }
 
+    /// Up to `take` entries with keys after `after`, in key order: (key, origin, encoded
+    /// bytes). Continuing from the last key costs O(take), where a skip walks from the start.
+    pub fn range_after(&self, after: &[u8], take: usize) -> Result<Vec<(String, String, Vec<u8>)>> {
+        use std::ops::Bound;
+        let rtxn = self
+            .env
+            .read_txn()
+            .map_err(|e| lmdb_err(&self.path, "read transaction", e))?;
+        let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Excluded(after), Bound::Unbounded);
+        let iter = self
+            .db
+            .range(&rtxn, &bounds)
+            .map_err(|e| lmdb_err(&self.path, "iterating", e))?;
+        let mut out = Vec::with_capacity(take.min(1 << 16));
+        for item in iter.take(take) {
+            let (key, value) = item.map_err(|e| lmdb_err(&self.path, "reading an entry", e))?;
+            let key = check_key(&self.path, key)?;
+            out.push((
+                key.to_string(),
+                format!("{} key {key}", self.path.display()),
+                value.to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Up to `take` entries from the `skip`-th on, in key order: (origin, encoded bytes).
     pub fn range(&self, skip: usize, take: usize) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::with_capacity(take.min(1 << 16));

@@ -28,6 +28,9 @@ pub struct ShardData {
 pub struct SourceReader {
     items: Items,
     len: usize,
+    /// LSUN: (index of the next item, key of the item before it), so consecutive shards
+    /// continue from a key instead of walking the cursor from the start.
+    lsun_next: std::sync::Mutex<Option<(usize, String)>>,
 }
 
 impl SourceReader {
@@ -50,7 +53,11 @@ impl SourceReader {
             Items::Folder(f) => f.len(),
             Items::InMemory(set) => set.len(),
         };
-        Ok(Self { items, len })
+        Ok(Self {
+            items,
+            len,
+            lsun_next: std::sync::Mutex::new(None),
+        })
     }
 
     /// Source items.
@@ -81,14 +88,36 @@ impl SourceReader {
             )));
         }
         let encoded: Vec<Encoded> = match &self.items {
-            Items::Lsun(db) => db
-                .range(start, end - start)?
-                .into_iter()
-                .map(|(origin, bytes)| Encoded {
-                    origin,
-                    bytes: Ok(bytes),
-                })
-                .collect(),
+            Items::Lsun(db) => {
+                let mut next = self.lsun_next.lock().expect("lsun cursor");
+                let entries: Vec<(String, String, Vec<u8>)> = match next.as_ref() {
+                    Some((i, after)) if *i == start => {
+                        db.range_after(after.as_bytes(), end - start)?
+                    }
+                    _ => {
+                        // Not where the last shard ended (first shard, or after reused
+                        // shards): walk there once, then continue by key.
+                        let mut v = Vec::with_capacity(end - start);
+                        db.for_each_in(start, end - start, |k, val| {
+                            v.push((
+                                k.to_string(),
+                                format!("{} key {k}", db.path().display()),
+                                val.to_vec(),
+                            ));
+                            Ok(())
+                        })?;
+                        v
+                    }
+                };
+                *next = entries.last().map(|(k, _, _)| (end, k.clone()));
+                entries
+                    .into_iter()
+                    .map(|(_, origin, bytes)| Encoded {
+                        origin,
+                        bytes: Ok(bytes),
+                    })
+                    .collect()
+            }
             Items::Folder(files) => files[start..end]
                 .iter()
                 .map(|p| Encoded {

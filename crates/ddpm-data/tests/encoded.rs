@@ -101,31 +101,38 @@ fn a_folder_of_photos_is_cropped_resized_channels_first_in_path_order() {
     assert_eq!(grey.images().size(), [3, 1, 16, 16]);
 }
 
-#[test]
-fn an_lsun_lmdb_of_webp_and_jpeg_photos_is_a_source() {
-    let d = tempfile::tempdir().unwrap();
-    let names = [
-        "astronaut.png",
-        "chelsea.png",
-        "coffee.png",
-        "motorcycle_left.png",
-    ];
+/// An LMDB of real photos under 40-hex keys, photo `i` encoded as `format(i)`.
+fn lmdb_of_photos(dir: &Path, names: &[&str], format: impl Fn(usize) -> ImageFormat) {
     let entries: Vec<(String, Vec<u8>)> = names
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let f = if i % 2 == 0 {
+            let key = format!("{:040x}", (i as u128 + 1) * 0x9e37_79b9_7f4a_7c15);
+            (key, encode(&photo(n), format(i)))
+        })
+        .collect();
+    write_lmdb(dir, &entries);
+}
+
+#[test]
+fn an_lsun_lmdb_of_webp_and_jpeg_photos_is_a_source() {
+    let d = tempfile::tempdir().unwrap();
+    lmdb_of_photos(
+        d.path(),
+        &[
+            "astronaut.png",
+            "chelsea.png",
+            "coffee.png",
+            "motorcycle_left.png",
+        ],
+        |i| {
+            if i % 2 == 0 {
                 ImageFormat::WebP
             } else {
                 ImageFormat::Jpeg
-            };
-            (
-                format!("{:040x}", (i as u128 + 1) * 0x9e37_79b9_7f4a_7c15),
-                encode(&photo(n), f),
-            )
-        })
-        .collect();
-    write_lmdb(d.path(), &entries);
+            }
+        },
+    );
     let set = open_source(&data_cfg(format!("lsun:{}", d.path().display()), 64, 3)).unwrap();
     assert_eq!(set.images().size(), [4, 3, 64, 64]);
     // Distinct photos give distinct images.
@@ -178,4 +185,36 @@ fn undecodable_images_fail_or_are_skipped_and_counted() {
             && err.contains("3-truncated.jpg"),
         "{err}"
     );
+}
+
+#[test]
+fn an_lsun_source_read_shard_by_shard_equals_reading_it_whole() {
+    let d = tempfile::tempdir().unwrap();
+    lmdb_of_photos(
+        d.path(),
+        &[
+            "astronaut.png",
+            "chelsea.png",
+            "coffee.png",
+            "motorcycle_left.png",
+            "camera.png",
+        ],
+        |_| ImageFormat::WebP,
+    );
+    let cfg = data_cfg(format!("lsun:{}", d.path().display()), 16, 3);
+    let whole: Vec<u8> = Vec::try_from(open_source(&cfg).unwrap().images().flatten(0, -1)).unwrap();
+    let reader = ddpm_data::prepare::SourceReader::open(&cfg).unwrap();
+    assert_eq!(reader.len(), 5);
+    let none = |_: usize| {};
+    // In order (continuing by key), then out of order (walking from the start).
+    let mut sequential = Vec::new();
+    for i in 0..3 {
+        sequential.extend(reader.shard(i, 2, &cfg, &none).unwrap().pixels);
+    }
+    assert_eq!(sequential, whole);
+    let last = reader.shard(2, 2, &cfg, &none).unwrap();
+    assert_eq!(last.samples, 1);
+    assert_eq!(last.pixels, whole[4 * 768..]);
+    let first = reader.shard(0, 2, &cfg, &none).unwrap();
+    assert_eq!(first.pixels, whole[..2 * 768]);
 }

@@ -74,6 +74,9 @@ pub fn parse_options(kvs: &[String]) -> Result<StoreOptions> {
     Ok(out)
 }
 
+/// Object recording the parameters of the prepare that writes into `--out`.
+const PREPARE_PARAMS: &str = "prepare.json";
+
 /// The shard's sidecar: its entry, written after the shard, so a resumed prepare can trust
 /// the shard without reading it back.
 fn sidecar(name: &str) -> String {
@@ -91,6 +94,16 @@ async fn get_opt(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Option<Byt
 /// Runs `ddpm prepare`.
 pub fn run(a: PrepareArgs) -> Result<()> {
     anyhow::ensure!(a.shard_size > 0, "--shard-size: expected >= 1");
+    anyhow::ensure!(
+        (1..=8192).contains(&a.resolution),
+        "--resolution: expected 1..=8192, got {}",
+        a.resolution
+    );
+    let kind = a.source.split_once(':').map(|(k, _)| k).unwrap_or("");
+    anyhow::ensure!(
+        a.pad == 0 || !matches!(kind, "lsun" | "folder"),
+        "--pad applies to idx: and cifar10: sources only (lsun:/folder: images are cropped and resized to --resolution)"
+    );
     anyhow::ensure!(matches!(a.channels, 1 | 3), "--channels: expected 1 or 3");
     anyhow::ensure!(
         (0.0..=1.0).contains(&a.max_bad_fraction),
@@ -141,8 +154,32 @@ pub fn run(a: PrepareArgs) -> Result<()> {
     }
     let reader = SourceReader::open(&cfg).with_context(|| format!("--source {}", a.source))?;
     let n_shards = reader.len().div_ceil(a.shard_size);
+    // What the shards in --out are made from. Shards are reused only by a rerun with the
+    // same parameters over the same source; anything else is refused, naming the difference.
+    let params = serde_json::json!({
+        "source": a.source, "resolution": a.resolution, "channels": a.channels, "pad": a.pad,
+        "shard_size": a.shard_size, "source_items": reader.len(),
+    });
+    let params_path = prefix.clone().join(PREPARE_PARAMS);
+    match rt.block_on(get_opt(&store, &params_path))? {
+        Some(b) => {
+            let earlier: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+            anyhow::ensure!(
+                earlier == params,
+                "{}: holds an unfinished prepare with other parameters or another source ({earlier}; now {params}); choose another --out or delete it",
+                a.out
+            );
+        }
+        None => rt
+            .block_on(store.put(
+                &params_path,
+                PutPayload::from(serde_json::to_vec_pretty(&params)?),
+            ))
+            .with_context(|| format!("writing {}/{PREPARE_PARAMS}", a.out))
+            .map(|_| ())?,
+    }
     let pb = progress(reader.len() as u64, "prepare");
-    let sample_bytes = (a.channels * a.resolution * a.resolution) as u64;
+    let sample_bytes = a.channels as u64 * a.resolution as u64 * a.resolution as u64;
     let mut shards = Vec::with_capacity(n_shards);
     let mut reused = 0;
     for i in 0..n_shards {
@@ -157,8 +194,9 @@ pub fn run(a: PrepareArgs) -> Result<()> {
             let Ok(entry) = serde_json::from_slice::<ShardEntry>(&b) else {
                 return Ok(None);
             };
+            let consistent = entry.name == name && entry.bytes == entry.samples * sample_bytes;
             match store.head(&path).await {
-                Ok(meta) if meta.size == entry.bytes => Ok(Some(entry)),
+                Ok(meta) if consistent && meta.size == entry.bytes => Ok(Some(entry)),
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(e.into()),
             }
@@ -180,6 +218,12 @@ pub fn run(a: PrepareArgs) -> Result<()> {
         };
         let json = serde_json::to_vec_pretty(&entry)?;
         rt.block_on(async {
+            // The sidecar goes first and comes back last: a shard is trusted only once it is
+            // completely written.
+            match store.delete(&side).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
             store.put(&path, PutPayload::from(data.pixels)).await?;
             store.put(&side, PutPayload::from(json)).await
         })
@@ -193,6 +237,12 @@ pub fn run(a: PrepareArgs) -> Result<()> {
         .collect();
     ddpm_data::encoded::check_bad_fraction(reader.len(), &skipped, &cfg)
         .context("nothing is lost: the finished shards stay and a rerun reuses them")?;
+    let kept: u64 = shards.iter().map(|s| s.samples).sum();
+    anyhow::ensure!(
+        kept > 0,
+        "{}: no image of the source could be used",
+        a.source
+    );
     let manifest = DatasetManifest {
         format: DATASET_FORMAT,
         encoding: RAW_UINT8_CHW.into(),
@@ -242,7 +292,12 @@ pub fn load_prepared(url: &str, options: &StoreOptions) -> Result<ddpm_data::Ima
         .block_on(get_opt(&store, &prefix.clone().join(DATASET_MANIFEST)))?
         .with_context(|| format!("{origin}: not found (was `ddpm prepare` run to completion?)"))?;
     let m = DatasetManifest::parse(&bytes, &origin)?;
-    let mut pixels = Vec::with_capacity((m.samples * m.sample_bytes()) as usize);
+    let r = m.resolution as i64;
+    let images = tch::Tensor::empty(
+        [m.samples as i64, m.channels as i64, r, r],
+        (tch::Kind::Uint8, tch::Device::Cpu),
+    );
+    let mut offset = 0i64;
     let pb = progress(m.shards.len() as u64, "load shards");
     for s in &m.shards {
         let data = rt
@@ -250,11 +305,13 @@ pub fn load_prepared(url: &str, options: &StoreOptions) -> Result<ddpm_data::Ima
             .with_context(|| format!("{url}/{}: listed in the manifest but missing", s.name))?;
         m.verify_shard(s, &data)
             .with_context(|| format!("dataset {url}"))?;
-        pixels.extend_from_slice(&data);
+        // Straight into its rows of the one dataset tensor.
+        let n = s.samples as i64;
+        let mut rows = images.narrow(0, offset, n);
+        rows.copy_(&tch::Tensor::from_slice(&data).view([n, m.channels as i64, r, r]));
+        offset += n;
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let r = m.resolution as i64;
-    let t = tch::Tensor::from_slice(&pixels).view([m.samples as i64, m.channels as i64, r, r]);
-    Ok(ddpm_data::ImageSet::from_uint8(t, url)?)
+    Ok(ddpm_data::ImageSet::from_uint8(images, url)?)
 }

@@ -58,25 +58,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
     let dev = device(&a.device)?;
-    let data = if let Some(url) = cfg.data.source.strip_prefix("shards:") {
-        let set = super::prepare::load_prepared(url, &cfg.data.options)?;
-        let [c, h, _] = set.image_shape();
-        anyhow::ensure!(
-            c == cfg.data.channels && h == cfg.data.resolution,
-            "data.source {url}: prepared at {c} channel(s), {h}x{h}; the config wants data.channels = {}, data.resolution = {}",
-            cfg.data.channels,
-            cfg.data.resolution
-        );
-        set
-    } else {
-        ddpm_data::open_source(&cfg.data).with_context(|| {
-            format!(
-                "loading data.source {:?} of {}",
-                cfg.data.source,
-                a.config.display()
-            )
-        })?
-    };
+    let data = super::load_data(&cfg.data).with_context(|| {
+        format!(
+            "loading data.source {:?} of {}",
+            cfg.data.source,
+            a.config.display()
+        )
+    })?;
     tracing::info!(images = data.len(), source = %cfg.data.source, "dataset loaded");
     let mut trainer = Trainer::new(&cfg, dev)?;
     let (vs, _) = trainer.model();
