@@ -2,7 +2,7 @@
 //! deleting them together with orphaned blobs of checkpoints that were never committed.
 
 use crate::layout::{MANIFEST, REJECTED};
-use crate::store::CheckpointStore;
+use crate::store::{manifest_of, CheckpointStore};
 use crate::{CheckpointError, Result};
 use object_store::ObjectStoreExt;
 
@@ -61,19 +61,9 @@ impl CheckpointStore {
         in_flight: Option<u64>,
     ) -> Result<RetentionReport> {
         let by_step = self.step_objects().await?;
-        let is_committed = |objs: &Vec<object_store::ObjectMeta>| {
-            objs.iter().any(|m| m.location.filename() == Some(MANIFEST))
-        };
-        let committed: Vec<u64> = by_step
-            .iter()
-            .filter(|(_, o)| is_committed(o))
-            .map(|(s, _)| *s)
-            .collect();
-        let uncommitted: Vec<u64> = by_step
-            .iter()
-            .filter(|(_, o)| !is_committed(o))
-            .map(|(s, _)| *s)
-            .collect();
+        let (committed, uncommitted): (Vec<u64>, Vec<u64>) = by_step
+            .keys()
+            .partition(|s| manifest_of(&by_step[*s]).is_some());
         let mut report = RetentionReport::default();
         for step in plan_deletions(&committed, in_flight, keep_last)? {
             if let Err(e) = self.store.delete(&self.object(step, MANIFEST)).await {
@@ -97,10 +87,7 @@ impl CheckpointStore {
     pub async fn remove_uncommitted(&self) -> Result<Vec<u64>> {
         let mut cleaned = Vec::new();
         for (step, objects) in self.step_objects().await? {
-            if objects
-                .iter()
-                .any(|m| m.location.filename() == Some(MANIFEST))
-            {
+            if manifest_of(&objects).is_some() {
                 continue;
             }
             tracing::warn!(run = %self.run, step, objects = objects.len(), "removing the blobs of an uncommitted checkpoint (a writer died before its manifest)");
@@ -159,10 +146,7 @@ impl CheckpointStore {
     /// pointer is dropped if it names the step.
     pub async fn reject(&self, step: u64, reason: &str) -> Result<()> {
         let objects = self.step_objects().await?.remove(&step).unwrap_or_default();
-        let Some(manifest) = objects
-            .iter()
-            .find(|m| m.location.filename() == Some(MANIFEST))
-        else {
+        let Some(manifest) = manifest_of(&objects) else {
             return Ok(());
         };
         let dest = self.run_dir().join(REJECTED).join(format!("step-{step}"));

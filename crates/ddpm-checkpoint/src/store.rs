@@ -11,6 +11,13 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// The manifest among a step directory's objects, if the step is committed.
+pub(crate) fn manifest_of(objects: &[ObjectMeta]) -> Option<&ObjectMeta> {
+    objects
+        .iter()
+        .find(|m| m.location.filename() == Some(MANIFEST))
+}
+
 /// How blobs are uploaded: blobs larger than `threshold` bytes go up as multipart uploads in
 /// parts of `part_size` bytes, `concurrency` parts at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,13 +145,11 @@ impl CheckpointStore {
 
     /// Steps that have a manifest, ascending. Blobs without a manifest are not checkpoints.
     pub async fn committed_steps(&self) -> Result<Vec<u64>> {
-        let manifest =
-            |objs: &Vec<ObjectMeta>| objs.iter().any(|m| m.location.filename() == Some(MANIFEST));
         Ok(self
             .step_objects()
             .await?
             .into_iter()
-            .filter(|(_, objs)| manifest(objs))
+            .filter(|(_, objs)| manifest_of(objs).is_some())
             .map(|(step, _)| step)
             .collect())
     }

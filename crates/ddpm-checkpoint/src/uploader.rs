@@ -8,7 +8,6 @@
 use crate::blob::Blob;
 use crate::store::CheckpointStore;
 use crate::{CheckpointError, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -46,10 +45,7 @@ pub struct UploadStats {
 struct Shared {
     in_flight: Mutex<Option<u64>>,
     idle: Condvar,
-    committed: AtomicU64,
-    failed: AtomicU64,
-    waits: AtomicU64,
-    last: Mutex<(Option<u64>, Option<String>)>,
+    stats: Mutex<UploadStats>,
 }
 
 /// A background thread that commits checkpoints to one [`CheckpointStore`].
@@ -100,11 +96,11 @@ impl Uploader {
                         )))
                     });
                     let seconds = started.elapsed().as_secs_f64();
-                    let mut last = worker.last.lock().expect("uploader state");
+                    let mut stats = worker.stats.lock().expect("uploader state");
                     match outcome {
                         Ok(bytes) => {
-                            worker.committed.fetch_add(1, Ordering::Relaxed);
-                            last.0 = Some(step);
+                            stats.committed += 1;
+                            stats.last_committed = Some(step);
                             metrics::counter!("ddpm_checkpoints_committed_total").increment(1);
                             metrics::counter!("ddpm_checkpoint_bytes_total").increment(bytes);
                             metrics::histogram!("ddpm_checkpoint_seconds").record(seconds);
@@ -112,13 +108,13 @@ impl Uploader {
                             tracing::info!(run = %store.run(), step, seconds, bytes, "checkpoint committed");
                         }
                         Err(e) => {
-                            worker.failed.fetch_add(1, Ordering::Relaxed);
-                            last.1 = Some(e.to_string());
+                            stats.failed += 1;
+                            stats.last_error = Some(e.to_string());
                             metrics::counter!("ddpm_checkpoint_failures_total").increment(1);
                             tracing::error!(run = %store.run(), step, error = %e, "checkpoint failed; training goes on and the previous checkpoint stays the newest");
                         }
                     }
-                    drop(last);
+                    drop(stats);
                     *worker.in_flight.lock().expect("uploader state") = None;
                     metrics::gauge!("ddpm_checkpoint_in_flight").set(0.0);
                     worker.idle.notify_all();
@@ -138,7 +134,7 @@ impl Uploader {
     pub fn wait_for_slot(&self, step: u64) {
         let mut in_flight = self.shared.in_flight.lock().expect("uploader state");
         if let Some(busy) = *in_flight {
-            self.shared.waits.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.lock().expect("uploader state").waits += 1;
             metrics::counter!("ddpm_checkpoint_waits_total").increment(1);
             tracing::warn!(
                 step,
@@ -184,14 +180,7 @@ impl Uploader {
 
     /// The counters so far.
     pub fn stats(&self) -> UploadStats {
-        let last = self.shared.last.lock().expect("uploader state");
-        UploadStats {
-            committed: self.shared.committed.load(Ordering::Relaxed),
-            failed: self.shared.failed.load(Ordering::Relaxed),
-            waits: self.shared.waits.load(Ordering::Relaxed),
-            last_committed: last.0,
-            last_error: last.1.clone(),
-        }
+        self.shared.stats.lock().expect("uploader state").clone()
     }
 
     /// Waits for the checkpoint in flight, stops the thread and returns the counters.

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use ddpm_checkpoint::{open_url_with, parse_step_dir, CheckpointStore, StoreOptions, MANIFEST};
+use ddpm_checkpoint::{open_url_with, parse_step_dir, CheckpointStore, MANIFEST};
 use ddpm_config::Config;
 use ddpm_unet::weights::{self, WeightsFormat};
 use ddpm_unet::{UNet, UNetConfig};
@@ -94,14 +94,7 @@ fn split_url(url: &str) -> Result<(String, String, Option<u64>)> {
 
 fn locate(t: &Target) -> Result<Located> {
     let (root, run, step) = split_url(&t.url)?;
-    let mut options = StoreOptions::new();
-    for kv in &t.options {
-        let Some((k, v)) = kv.split_once('=') else {
-            bail!("--option {kv:?}: expected KEY=VALUE");
-        };
-        options.insert(k.to_string(), v.to_string());
-    }
-    let (store, prefix) = open_url_with(&root, &options)?;
+    let (store, prefix) = open_url_with(&root, &super::prepare::parse_options(&t.options)?)?;
     Ok(Located {
         store: CheckpointStore::new(store, prefix, &run)?,
         step,
