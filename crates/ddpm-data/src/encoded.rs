@@ -19,6 +19,15 @@ pub struct Encoded {
     pub bytes: Result<Vec<u8>>,
 }
 
+impl From<crate::lsun::LsunEntry> for Encoded {
+    fn from(e: crate::lsun::LsunEntry) -> Self {
+        Self {
+            origin: e.origin,
+            bytes: Ok(e.bytes),
+        }
+    }
+}
+
 /// What [`preprocess_all`] produced.
 pub struct Preprocessed {
     /// `[n, channels, R, R]` uint8, channels-first, in source order.
@@ -169,13 +178,9 @@ pub fn folder_items(dir: &Path) -> Result<impl Iterator<Item = Encoded>> {
 /// The samples of an LSUN LMDB, in key order (copied out of the read transaction).
 pub fn lsun_items(dir: &Path) -> Result<Vec<Encoded>> {
     let db = crate::lsun::LsunDb::open(dir)?;
-    let mut items = Vec::with_capacity(db.len()?);
-    db.for_each(0, |key, value| {
-        items.push(Encoded {
-            origin: format!("{} key {key}", dir.display()),
-            bytes: Ok(value.to_vec()),
-        });
-        Ok(())
-    })?;
-    Ok(items)
+    Ok(db
+        .range(0, usize::MAX)?
+        .into_iter()
+        .map(Encoded::from)
+        .collect())
 }

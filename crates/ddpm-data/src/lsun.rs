@@ -8,6 +8,16 @@ use heed::types::Bytes;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions};
 use std::path::{Path, PathBuf};
 
+/// One LSUN entry read out of the environment.
+pub struct LsunEntry {
+    /// The 40-character hex key.
+    pub key: String,
+    /// `<dir> key <hex>`: names the entry in errors.
+    pub origin: String,
+    /// The encoded image.
+    pub bytes: Vec<u8>,
+}
+
 /// An LSUN LMDB environment, open read-only.
 pub struct LsunDb {
     env: Env,
@@ -121,9 +131,19 @@ impl LsunDb {
         self.for_each_in(skip, usize::MAX, f)
     }
 
-    /// Up to `take` entries with keys after `after`, in key order: (key, origin, encoded
-    /// bytes). Continuing from the last key costs O(take), where a skip walks from the start.
-    pub fn range_after(&self, after: &[u8], take: usize) -> Result<Vec<(String, String, Vec<u8>)>> {
+    /// One entry, copied out of the read transaction, with the origin that names it in
+    /// errors.
+    fn entry(&self, key: &str, value: &[u8]) -> LsunEntry {
+        LsunEntry {
+            key: key.to_string(),
+            origin: format!("{} key {key}", self.path.display()),
+            bytes: value.to_vec(),
+        }
+    }
+
+    /// Up to `take` entries with keys after `after`, in key order. Continuing from the last
+    /// key costs O(take), where a skip walks from the start.
+    pub fn range_after(&self, after: &[u8], take: usize) -> Result<Vec<LsunEntry>> {
         use std::ops::Bound;
         let rtxn = self
             .env
@@ -137,21 +157,16 @@ impl LsunDb {
         let mut out = Vec::with_capacity(take.min(1 << 16));
         for item in iter.take(take) {
             let (key, value) = item.map_err(|e| lmdb_err(&self.path, "reading an entry", e))?;
-            let key = check_key(&self.path, key)?;
-            out.push((
-                key.to_string(),
-                format!("{} key {key}", self.path.display()),
-                value.to_vec(),
-            ));
+            out.push(self.entry(check_key(&self.path, key)?, value));
         }
         Ok(out)
     }
 
-    /// Up to `take` entries from the `skip`-th on, in key order: (origin, encoded bytes).
-    pub fn range(&self, skip: usize, take: usize) -> Result<Vec<(String, Vec<u8>)>> {
+    /// Up to `take` entries from the `skip`-th on, in key order.
+    pub fn range(&self, skip: usize, take: usize) -> Result<Vec<LsunEntry>> {
         let mut out = Vec::with_capacity(take.min(1 << 16));
         self.for_each_in(skip, take, |key, value| {
-            out.push((format!("{} key {key}", self.path.display()), value.to_vec()));
+            out.push(self.entry(key, value));
             Ok(())
         })?;
         Ok(out)

@@ -90,33 +90,16 @@ impl SourceReader {
         let encoded: Vec<Encoded> = match &self.items {
             Items::Lsun(db) => {
                 let mut next = self.lsun_next.lock().expect("lsun cursor");
-                let entries: Vec<(String, String, Vec<u8>)> = match next.as_ref() {
+                let entries = match next.as_ref() {
                     Some((i, after)) if *i == start => {
                         db.range_after(after.as_bytes(), end - start)?
                     }
-                    _ => {
-                        // Not where the last shard ended (first shard, or after reused
-                        // shards): walk there once, then continue by key.
-                        let mut v = Vec::with_capacity(end - start);
-                        db.for_each_in(start, end - start, |k, val| {
-                            v.push((
-                                k.to_string(),
-                                format!("{} key {k}", db.path().display()),
-                                val.to_vec(),
-                            ));
-                            Ok(())
-                        })?;
-                        v
-                    }
+                    // Not where the last shard ended (first shard, or after reused shards):
+                    // walk there once, then continue by key.
+                    _ => db.range(start, end - start)?,
                 };
-                *next = entries.last().map(|(k, _, _)| (end, k.clone()));
-                entries
-                    .into_iter()
-                    .map(|(_, origin, bytes)| Encoded {
-                        origin,
-                        bytes: Ok(bytes),
-                    })
-                    .collect()
+                *next = entries.last().map(|e| (end, e.key.clone()));
+                entries.into_iter().map(Encoded::from).collect()
             }
             Items::Folder(files) => files[start..end]
                 .iter()
