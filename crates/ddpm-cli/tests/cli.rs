@@ -232,61 +232,33 @@ fn progressive_interpolate_and_nll_run_on_the_trained_model() {
         &out("q.png"),
     ]);
     assert!(s.root.join("q.png").exists());
-    let err = fails(&[
-        "progressive",
-        "--config",
-        &s.config,
-        "--weights",
-        &s.weights,
-        "--frames",
-        "41",
-        "--out",
-        &out("r.png"),
-    ]);
-    assert!(err.contains("--frames: expected 2..=40"), "{err}");
-    let err = fails(&[
-        "sample",
-        "--config",
-        &s.config,
-        "--weights",
-        &s.weights,
-        "--sampler",
-        "ddim",
-        "--steps",
-        "41",
-        "--out",
-        &out("r.png"),
-    ]);
-    assert!(
-        err.contains("--steps: DDIM steps must be in 1..=40"),
-        "{err}"
-    );
-    let err = fails(&[
-        "sample",
-        "--config",
-        &s.config,
-        "--weights",
-        &s.weights,
-        "--eta=-1",
-        "--out",
-        &out("r.png"),
-    ]);
-    assert!(
-        err.contains("--eta: expected a number >= 0, got -1"),
-        "{err}"
-    );
-    let err = fails(&[
-        "sample",
-        "--config",
-        &s.config,
-        "--weights",
-        &s.weights,
-        "--n",
-        "0",
-        "--out",
-        &out("r.png"),
-    ]);
-    assert!(err.contains("--n: expected >= 1, got 0"), "{err}");
+    // Out-of-range arguments: (command, extra arguments, the error it names).
+    let r_png = out("r.png");
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "progressive",
+            &["--frames", "41"],
+            "--frames: expected 2..=40",
+        ),
+        (
+            "sample",
+            &["--sampler", "ddim", "--steps", "41"],
+            "--steps: DDIM steps must be in 1..=40",
+        ),
+        (
+            "sample",
+            &["--eta=-1"],
+            "--eta: expected a number >= 0, got -1",
+        ),
+        ("sample", &["--n", "0"], "--n: expected >= 1, got 0"),
+    ];
+    for (cmd, extra, expected) in cases {
+        let mut args = vec![cmd, "--config", &s.config, "--weights", &s.weights];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", &r_png]);
+        let err = fails(&args);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
     let img = image::open(s.root.join("p.png")).unwrap();
     assert_eq!((img.width(), img.height()), (5 * 18 + 2, 2 * 18 + 2));
 
