@@ -4,8 +4,8 @@
 //!
 //! Subcommands:
 //!
-//! * `train-step`: [`ddpm_trainer::Trainer::step`] on one fixed random batch: random flip,
-//!   t ~ U{0..T-1}, noise, forward, eps-MSE loss, backward, global-norm clipping, Adam, EMA.
+//! * `train-step`: [`ddpm_trainer::Trainer::step`] on one fixed random batch (flips
+//!   belong to the loader, benchmarked by `loader`): t ~ U{0..T-1}, noise, forward, eps-MSE loss, backward, global-norm clipping, Adam, EMA.
 //! * `sample-step`: one step of Algorithm 2 with one network (what a sampler holds; no
 //!   optimizer state): a forward pass in inference mode (no grad, no dropout) and
 //!   [`ddpm_diffusion::GaussianDiffusion::p_sample`] (posterior mean with clipped x_0, fixed
@@ -15,6 +15,8 @@
 //!   buffers, with minor page faults per phase, to see where the time goes.
 //! * `checkpoint`: the full training state committed to a `file://` store through the
 //!   background uploader, against a plain copy of the same bytes (see `checkpoint.rs`).
+//! * `loader`: the training loader on a folder of encoded images (decode, crop, resize, flip,
+//!   to tensor) on N threads, against a PyTorch DataLoader (`bench/reference_loader.py`).
 //! * `diffusers-config`: the diffusers `UNet2DModel` config.json equivalent to a config's
 //!   U-Net ([`ddpm_unet::weights::diffusers_config`]); the reference script builds from it.
 //!
@@ -22,6 +24,7 @@
 //! `VmHWM` from `/proc/self/status`.
 
 mod checkpoint;
+mod loader;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -52,6 +55,8 @@ enum Command {
     TrainPhases(RunArgs),
     /// Checkpoint the full training state to file:// against a plain copy of the same bytes.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Training-loader throughput on a folder of encoded images.
+    Loader(loader::LoaderArgs),
     /// Print the diffusers UNet2DModel config.json equivalent to a config's U-Net.
     DiffusersConfig {
         /// Configuration file (TOML).
@@ -98,6 +103,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::SampleStep(a) => sample_step(&a)?,
         Command::TrainPhases(a) => train_phases(&a)?,
         Command::Checkpoint(a) => checkpoint::run(&a)?,
+        Command::Loader(a) => loader::run(&a)?,
         Command::DiffusersConfig { config } => {
             let cfg = load_config(&config)?;
             ddpm_unet::weights::diffusers_config(&UNetConfig::from_config(&cfg))?

@@ -95,8 +95,17 @@ pub struct DataConfig {
     /// With `on_bad_sample = "skip"`: the largest share of the dataset that may be skipped
     /// before reading fails anyway.
     pub max_bad_fraction: f64,
-    /// Threads that decode and preprocess images (0: one per CPU).
+    /// Threads that read, decode and preprocess images, in `ddpm prepare` and in the training
+    /// loader (0: one per CPU).
     pub workers: i64,
+    /// Batches the loader prepares ahead of the one training takes.
+    pub prefetch_batches: i64,
+    /// `shards:` sources: shards held in memory at most. Two windows
+    /// (`2 * shuffle_window_shards`) let the next window download while this one is read.
+    pub cache_shards: i64,
+    /// `shards:` sources: each epoch takes the shards in a shuffled order, this many at a
+    /// time, and shuffles the samples of those shards together.
+    pub shuffle_window_shards: i64,
     /// Store options for a `shards:URL` source (object_store key names, as
     /// `[checkpoint.options]`); credential-like values are redacted when written out.
     pub options: std::collections::BTreeMap<String, String>,
@@ -123,6 +132,9 @@ impl Default for DataConfig {
             on_bad_sample: BadSamplePolicy::Fail,
             max_bad_fraction: 0.001,
             workers: 0,
+            prefetch_batches: 4,
+            cache_shards: 16,
+            shuffle_window_shards: 8,
             options: Default::default(),
         }
     }

@@ -62,6 +62,27 @@ impl Config {
                 format!("expected 0..=1, got {}", d.max_bad_fraction),
             );
         }
+        if d.prefetch_batches < 1 {
+            return fail(
+                "data.prefetch_batches",
+                format!("expected >= 1, got {}", d.prefetch_batches),
+            );
+        }
+        if d.shuffle_window_shards < 1 {
+            return fail(
+                "data.shuffle_window_shards",
+                format!("expected >= 1, got {}", d.shuffle_window_shards),
+            );
+        }
+        if d.cache_shards < d.shuffle_window_shards {
+            return fail(
+                "data.cache_shards",
+                format!(
+                    "expected >= data.shuffle_window_shards = {} (a window is read at once), got {}",
+                    d.shuffle_window_shards, d.cache_shards
+                ),
+            );
+        }
         if d.workers < 0 {
             return fail("data.workers", format!("expected >= 0, got {}", d.workers));
         }

@@ -97,6 +97,23 @@ pub fn center_crop_resize(img: &DynamicImage, resolution: u32, channels: u8) -> 
     Ok(chw)
 }
 
+/// Decodes `bytes` and preprocesses them ([`center_crop_resize`]) into `[channels, R, R]`
+/// uint8. Every failure, a decoder panic on a hostile file included, is a
+/// [`DataError::Decode`] naming `origin`.
+pub fn decode_sample(bytes: &[u8], origin: &str, resolution: u32, channels: u8) -> Result<Vec<u8>> {
+    std::panic::catch_unwind(|| {
+        decode(bytes, origin).and_then(|img| center_crop_resize(&img, resolution, channels))
+    })
+    .unwrap_or_else(|_| Err(DataError::Internal("the decoder panicked".into())))
+    .map_err(|e| match e {
+        e @ DataError::Decode { .. } => e,
+        other => DataError::Decode {
+            origin: origin.to_string(),
+            reason: other.to_string(),
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

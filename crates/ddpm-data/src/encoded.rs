@@ -2,7 +2,7 @@
 //! crop and antialiased resize on a pool of threads, with the configured policy for images
 //! that cannot be decoded.
 
-use crate::decode::{center_crop_resize, decode};
+use crate::decode::decode_sample;
 use crate::{DataError, Result};
 use ddpm_config::{BadSamplePolicy, DataConfig};
 use std::path::Path;
@@ -90,28 +90,12 @@ pub fn preprocess_chunk(
                             let i = next.fetch_add(1, Ordering::Relaxed);
                             let Some(item) = chunk.get(i) else { break done };
                             let r = match &item.bytes {
-                                // A decoder that panics on a hostile file is a bad sample.
-                                Ok(b) => {
-                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                        decode(b, &item.origin)
-                                            .and_then(|img| center_crop_resize(&img, res, channels))
-                                    }))
-                                    .unwrap_or_else(|_| {
-                                        Err(DataError::Internal("the decoder panicked".into()))
-                                    })
-                                }
-                                Err(e) => Err(DataError::Io {
-                                    path: item.origin.clone(),
-                                    source: std::io::Error::other(e.to_string()),
-                                }),
-                            }
-                            .map_err(|e| match e {
-                                e @ DataError::Decode { .. } => e,
-                                other => DataError::Decode {
+                                Ok(b) => decode_sample(b, &item.origin, res, channels),
+                                Err(e) => Err(DataError::Decode {
                                     origin: item.origin.clone(),
-                                    reason: other.to_string(),
-                                },
-                            });
+                                    reason: e.to_string(),
+                                }),
+                            };
                             progress(1);
                             done.push((i, r));
                         }

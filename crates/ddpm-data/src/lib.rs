@@ -8,8 +8,11 @@ pub mod encoded;
 pub mod epoch;
 pub mod folder;
 pub mod idx;
+pub mod loader;
 pub mod lsun;
 pub mod prepare;
+pub mod samples;
+pub mod shard_cache;
 pub mod shards;
 pub mod source;
 

@@ -136,7 +136,7 @@ impl LsunDb {
     fn entry(&self, key: &str, value: &[u8]) -> LsunEntry {
         LsunEntry {
             key: key.to_string(),
-            origin: format!("{} key {key}", self.path.display()),
+            origin: self.origin(key.as_bytes()),
             bytes: value.to_vec(),
         }
     }
@@ -170,6 +170,51 @@ impl LsunDb {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Every key, in key order (40 bytes each; checked to be hex ids).
+    pub fn keys(&self) -> Result<Vec<[u8; 40]>> {
+        let rtxn = self
+            .env
+            .read_txn()
+            .map_err(|e| lmdb_err(&self.path, "read transaction", e))?;
+        let iter = self
+            .db
+            .iter(&rtxn)
+            .map_err(|e| lmdb_err(&self.path, "iterating", e))?;
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, _) = item.map_err(|e| lmdb_err(&self.path, "reading an entry", e))?;
+            let key = check_key(&self.path, key)?;
+            out.push(key.as_bytes().try_into().expect("checked: 40 bytes"));
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with the value of `key`, read in place from the memory map (no copy).
+    pub fn with_value<T>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        let rtxn = self
+            .env
+            .read_txn()
+            .map_err(|e| lmdb_err(&self.path, "read transaction", e))?;
+        let value = self
+            .db
+            .get(&rtxn, key)
+            .map_err(|e| lmdb_err(&self.path, "reading an entry", e))?
+            .ok_or_else(|| DataError::Format {
+                path: self.origin(key),
+                reason: "the key is gone (was the environment rewritten while training?)".into(),
+            })?;
+        Ok(f(value))
+    }
+
+    /// `<dir> key <hex>`: how errors name the entry `key`.
+    pub fn origin(&self, key: &[u8]) -> String {
+        format!(
+            "{} key {}",
+            self.path.display(),
+            String::from_utf8_lossy(key)
+        )
     }
 
     /// The directory of the environment.

@@ -89,7 +89,9 @@ impl Trainer {
         }
     }
 
-    /// One step on a batch `x0` of images in [-1, 1] `[B, C, H, W]` (already on any device).
+    /// One step on a batch `x0` of images in [-1, 1] `[B, C, H, W]` (on any device), already
+    /// augmented: the loader flips samples (`data.random_flip`), keyed by their place in the
+    /// epoch, so that a sample's flip does not depend on the world size.
     pub fn step(&mut self, x0: &Tensor) -> Result<StepStats> {
         let cfg = &self.config;
         let s = x0.size();
@@ -103,14 +105,6 @@ impl Trainer {
         let b = s[0];
         tch::manual_seed(self.step_seed(self.step));
         let x0 = x0.to_device(self.device).to_kind(Kind::Float);
-        let x0 = if cfg.data.random_flip {
-            let flip = Tensor::rand([b], (Kind::Float, self.device))
-                .lt(0.5)
-                .view([b, 1, 1, 1]);
-            x0.flip([3]).where_self(&flip, &x0)
-        } else {
-            x0
-        };
         let t = Tensor::randint(
             self.diffusion.num_timesteps(),
             [b],
@@ -181,7 +175,7 @@ impl Trainer {
     }
 
     /// The libtorch seed of update number `step` (0-based). Each step reseeds the generator
-    /// from (run seed, step), so the flips, timesteps, noise and dropout of a step depend only
+    /// from (run seed, step), so the timesteps, noise and dropout of a step depend only
     /// on those two numbers: resuming at step k needs no generator state, only k.
     pub fn step_seed(&self, step: i64) -> i64 {
         // SplitMix64 finaliser over (seed, step): well-mixed, cheap, stable across versions.

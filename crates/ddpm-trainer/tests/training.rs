@@ -166,7 +166,6 @@ fn two_hundred_steps_on_sixteen_images_cut_the_loss() {
 fn two_runs_with_one_seed_are_bitwise_identical() {
     let _rng = rng_lock();
     let mut cfg = tiny_config("");
-    cfg.data.random_flip = true;
     cfg.model.dropout = 0.1;
     let run = || {
         let mut tr = Trainer::new(&cfg, Device::Cpu).unwrap();
@@ -236,7 +235,6 @@ fn a_batch_of_the_wrong_shape_is_rejected_with_the_expected_shape() {
 fn resume_from_exported_state_is_bitwise_exact() {
     let _rng = rng_lock();
     let mut cfg = tiny_config("");
-    cfg.data.random_flip = true;
     cfg.model.dropout = 0.1;
     let x0 = images();
     let state = |tr: &Trainer| {

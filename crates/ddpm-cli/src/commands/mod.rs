@@ -3,6 +3,7 @@
 pub mod checkpoints;
 pub mod ckpt;
 pub mod convert;
+pub mod dataset;
 pub mod inspect;
 pub mod nll;
 pub mod prepare;
@@ -22,24 +23,6 @@ pub fn load_config(path: &Path) -> Result<Config> {
         tch::set_num_threads(cfg.train.threads as i32);
     }
     Ok(cfg)
-}
-
-/// The dataset of `data.source`: a prepared dataset (`shards:URL`, every shard verified) or
-/// any source `ddpm_data::open_source` reads; checked against `data.channels` and
-/// `data.resolution`.
-pub fn load_data(data: &ddpm_config::DataConfig) -> Result<ddpm_data::ImageSet> {
-    if let Some(url) = data.source.strip_prefix("shards:") {
-        let set = prepare::load_prepared(url, &data.options)?;
-        let [c, h, _] = set.image_shape();
-        anyhow::ensure!(
-            c == data.channels && h == data.resolution,
-            "data.source {url}: prepared at {c} channel(s), {h}x{h}; the config wants data.channels = {}, data.resolution = {}",
-            data.channels,
-            data.resolution
-        );
-        return Ok(set);
-    }
-    Ok(ddpm_data::open_source(data)?)
 }
 
 /// Parses `--device` (loading CUDA support when asked for).

@@ -48,7 +48,7 @@ pub fn run(a: NllArgs) -> Result<()> {
         "--n and --batch-size must be >= 1"
     );
     let dev = device(&a.device)?;
-    let data = super::load_data(&cfg.data)
+    let data = super::dataset::load_all(&cfg.data)
         .with_context(|| format!("reading the evaluation data {:?}", cfg.data.source))?;
     let n = a.n.min(data.len() as i64);
     let (_vs, net, _) = load_model(&cfg, &a.weights, dev)?;

@@ -83,7 +83,7 @@ fn sidecar(name: &str) -> String {
     format!("{name}.json")
 }
 
-async fn get_opt(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Option<Bytes>> {
+pub(crate) async fn get_opt(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Option<Bytes>> {
     match store.get(path).await {
         Ok(r) => Ok(Some(r.bytes().await?)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -278,40 +278,4 @@ pub fn run(a: PrepareArgs) -> Result<()> {
         a.out
     );
     Ok(())
-}
-
-/// Reads a prepared dataset (`data.source = "shards:URL"`) into memory, verifying every
-/// shard's sha256 (the error names the shard).
-pub fn load_prepared(url: &str, options: &StoreOptions) -> Result<ddpm_data::ImageSet> {
-    let (store, prefix) = open_url_with(url, options).context("data.source shards:URL")?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let origin = format!("{url}/{DATASET_MANIFEST}");
-    let bytes = rt
-        .block_on(get_opt(&store, &prefix.clone().join(DATASET_MANIFEST)))?
-        .with_context(|| format!("{origin}: not found (was `ddpm prepare` run to completion?)"))?;
-    let m = DatasetManifest::parse(&bytes, &origin)?;
-    let r = m.resolution as i64;
-    let images = tch::Tensor::empty(
-        [m.samples as i64, m.channels as i64, r, r],
-        (tch::Kind::Uint8, tch::Device::Cpu),
-    );
-    let mut offset = 0i64;
-    let pb = progress(m.shards.len() as u64, "load shards");
-    for s in &m.shards {
-        let data = rt
-            .block_on(get_opt(&store, &prefix.clone().join(s.name.as_str())))?
-            .with_context(|| format!("{url}/{}: listed in the manifest but missing", s.name))?;
-        m.verify_shard(s, &data)
-            .with_context(|| format!("dataset {url}"))?;
-        // Straight into its rows of the one dataset tensor.
-        let n = s.samples as i64;
-        let mut rows = images.narrow(0, offset, n);
-        rows.copy_(&tch::Tensor::from_slice(&data).view([n, m.channels as i64, r, r]));
-        offset += n;
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
-    Ok(ddpm_data::ImageSet::from_uint8(images, url)?)
 }

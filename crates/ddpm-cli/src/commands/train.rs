@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_config::SamplerKind;
 use ddpm_data::epoch::Cursor;
+use ddpm_data::loader::{Loader, LoaderOptions};
 use ddpm_trainer::{save_weights_dir, Trainer};
 use std::io::Write;
 use std::path::PathBuf;
@@ -58,14 +59,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
     let dev = device(&a.device)?;
-    let data = super::load_data(&cfg.data).with_context(|| {
+    let data = super::dataset::open_training_source(&cfg.data).with_context(|| {
         format!(
-            "loading data.source {:?} of {}",
+            "opening data.source {:?} of {}",
             cfg.data.source,
             a.config.display()
         )
     })?;
-    tracing::info!(images = data.len(), source = %cfg.data.source, "dataset loaded");
+    tracing::info!(images = data.len(), source = %cfg.data.source, "dataset opened");
     let mut trainer = Trainer::new(&cfg, dev)?;
     let (vs, _) = trainer.model();
     tracing::info!(parameters = ddpm_unet::parameter_count(vs), device = ?dev, steps = cfg.train.total_steps, "training");
@@ -155,24 +156,33 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut stall = 0.0;
     let mut submitted: Option<u64> = None;
     let mut window_images = 0usize;
+    let mut loader = Loader::start(
+        data,
+        cursor.clone(),
+        LoaderOptions::from_config(&cfg.data, seed, batch, 1, 0),
+    )?;
+    let mut window_wait = loader.waited();
     for step in start..total {
-        let idx = cursor.next_batch(data.len(), batch, seed);
-        let x = data.batch(&idx);
-        let stats = trainer.step(&x)?;
-        window_images += batch;
+        let b = loader.next_batch()?;
+        cursor = b.cursor;
+        let stats = trainer.step(&b.images)?;
+        window_images += b.indices.len();
         pb.inc(1);
         let done = step + 1;
         if done % cfg.train.log_every == 0 || done == total {
             let loss = stats.loss.double_value(&[]);
             let gnorm = stats.grad_norm.double_value(&[]);
-            let ips = window_images as f64 / window_start.elapsed().as_secs_f64();
+            let window_secs = window_start.elapsed().as_secs_f64();
+            let ips = window_images as f64 / window_secs;
+            // The share of the window the training thread spent waiting for data.
+            let data_wait = (loader.waited() - window_wait).as_secs_f64() / window_secs;
             anyhow::ensure!(
                 loss.is_finite(),
                 "step {done}: the loss is {loss}; stopping (lower train.lr?)"
             );
             pb.set_message(format!("train loss {loss:.4}"));
             let line = serde_json::json!({"step": done, "loss": loss, "grad_norm": gnorm, "lr": stats.lr,
-                "images_per_second": ips, "epoch": cursor.epoch});
+                "images_per_second": ips, "data_wait_fraction": data_wait, "epoch": cursor.epoch});
             writeln!(log, "{line}")?;
             pb.suspend(|| {
                 tracing::info!(
@@ -181,11 +191,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     grad_norm = gnorm,
                     lr = stats.lr,
                     images_per_second = ips,
+                    data_wait_fraction = data_wait,
                     "progress"
                 )
             });
             window_start = Instant::now();
             window_images = 0;
+            window_wait = loader.waited();
         }
         let every = cfg.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || done == total {
