@@ -39,6 +39,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    let tuned = ddpm_trainer::malloc::tune_for_training();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -47,6 +48,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if !tuned {
+        tracing::debug!(
+            "glibc malloc thresholds not set; training may fault its activations in every step"
+        );
+    }
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -13,7 +13,7 @@ use ddpm_config::{BadSamplePolicy, DataConfig};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// What the loader deals and how.
 #[derive(Debug, Clone)]
@@ -294,8 +294,16 @@ fn build(
     let [c, h, w] = source.shape();
     let per = c * h * w;
     let mut pixels = vec![0u8; per];
-    let mut out = vec![0f32; job.draws.len() * per];
-    let mut kept = Vec::with_capacity(job.draws.len());
+    let n = job.draws.len();
+    // Written in place: no zero fill and no copy into a tensor afterwards.
+    let images = Tensor::empty(
+        [n as i64, c as i64, h as i64, w as i64],
+        (Kind::Float, Device::Cpu),
+    );
+    // SAFETY: `images` is a new contiguous float32 CPU tensor of exactly `n * per` elements;
+    // nothing else refers to its storage until it is returned, after the last write.
+    let out = unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut f32, n * per) };
+    let mut kept = Vec::with_capacity(n);
     for d in &job.draws {
         match source.read(d.index as usize, &mut pixels) {
             Ok(()) => {}
@@ -310,8 +318,11 @@ fn build(
         to_unit_range(&pixels, dst, w, flip);
         kept.push(d.index);
     }
-    out.truncate(kept.len() * per);
-    let images = Tensor::from_slice(&out).view([kept.len() as i64, c as i64, h as i64, w as i64]);
+    let images = if kept.len() < n {
+        images.narrow(0, 0, kept.len() as i64)
+    } else {
+        images
+    };
     Ok(Batch {
         images,
         indices: kept,

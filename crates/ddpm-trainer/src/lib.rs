@@ -7,6 +7,7 @@
 //! sampling.
 
 pub mod flat;
+pub mod malloc;
 mod model_io;
 pub mod snapshot;
 pub mod state;
