@@ -1,7 +1,10 @@
 //! A blob's bytes as one or more segments, so callers can hand over memory they already own
 //! (a safetensors header plus the tensor buffers) without concatenating it first.
 
+use crate::UploadPolicy;
 use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 
 /// The contents of one checkpoint object: segments written back to back.
@@ -60,6 +63,37 @@ impl From<Vec<u8>> for Blob {
     fn from(b: Vec<u8>) -> Self {
         Bytes::from(b).into()
     }
+}
+
+/// Writes `data` to `path`: a single put up to `policy.threshold` bytes, a multipart upload
+/// above it (S3 caps a single put at 5 GiB). A failed multipart upload is aborted, so no
+/// parts are left behind where the store supports it.
+pub async fn put_blob(
+    store: &dyn ObjectStore,
+    path: &Path,
+    data: &Blob,
+    policy: &UploadPolicy,
+) -> object_store::Result<()> {
+    if data.len() <= policy.threshold {
+        let payload: PutPayload = data.segments().iter().cloned().collect();
+        store.put(path, payload).await?;
+        return Ok(());
+    }
+    let upload = store.put_multipart(path).await?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, policy.part_size);
+    for segment in data.segments() {
+        let mut rest = segment.clone();
+        while !rest.is_empty() {
+            if let Err(e) = writer.wait_for_capacity(policy.concurrency).await {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+            let n = rest.len().min(policy.part_size);
+            writer.put(rest.split_to(n));
+        }
+    }
+    writer.finish().await?;
+    Ok(())
 }
 
 #[cfg(test)]

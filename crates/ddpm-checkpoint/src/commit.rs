@@ -7,9 +7,7 @@ use crate::manifest::{BlobEntry, Manifest, MANIFEST_FORMAT};
 use crate::store::CheckpointStore;
 use crate::{CheckpointError, Result};
 use object_store::path::Path;
-use object_store::{
-    ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
-};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 /// How many times a conditional update of `latest` is retried against concurrent updates.
 const LATEST_RETRIES: usize = 8;
@@ -164,29 +162,9 @@ impl CheckpointStore {
         }
     }
 
-    /// One blob: a single put when small, a multipart upload when large (aborted on error,
-    /// so no parts are left behind where the store supports it).
+    /// One blob, with this store's upload policy.
     async fn upload_blob(&self, path: &Path, data: &Blob) -> object_store::Result<()> {
-        if data.len() <= self.upload.threshold {
-            let payload: PutPayload = data.segments().iter().cloned().collect();
-            self.store.put(path, payload).await?;
-            return Ok(());
-        }
-        let upload = self.store.put_multipart(path).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.upload.part_size);
-        for segment in data.segments() {
-            let mut rest = segment.clone();
-            while !rest.is_empty() {
-                if let Err(e) = writer.wait_for_capacity(self.upload.concurrency).await {
-                    let _ = writer.abort().await;
-                    return Err(e);
-                }
-                let n = rest.len().min(self.upload.part_size);
-                writer.put(rest.split_to(n));
-            }
-        }
-        writer.finish().await?;
-        Ok(())
+        crate::blob::put_blob(self.store.as_ref(), path, data, &self.upload).await
     }
 
     /// Moves the `latest` pointer to `step` unless it already names a newer step. Uses a

@@ -15,7 +15,7 @@ pub mod retention;
 mod store;
 mod uploader;
 
-pub use blob::Blob;
+pub use blob::{put_blob, Blob};
 pub use layout::{
     parse_step_dir, step_dir, validate_name, LATEST, MANIFEST, REJECTED, WRITER_LOCK,
 };

@@ -154,6 +154,24 @@ fn photos_are_prepared_resumed_verified_and_trained_on() {
     let (status, log) = ddpm_log(&["train", "--config", &cfg], "info");
     assert!(status.success() && log.contains("images=5"), "{log}");
 
+    // The checkpoint at step 2 is 3 samples into epoch 1 of the 8-shard-window order; a
+    // resume under another window would repeat and skip samples, so it is refused.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let other = root.join("shards-window1.toml");
+    std::fs::write(
+        &other,
+        text.replace(
+            "channels = 3\n",
+            "channels = 3\nshuffle_window_shards = 1\ncache_shards = 2\n",
+        ),
+    )
+    .unwrap();
+    let err = fails(&["train", "--config", &path(&other), "--steps", "3"]);
+    assert!(
+        err.contains("data.shuffle_window_shards") && err.contains("\"shard-windows:8\""),
+        "{err}"
+    );
+
     // A flipped byte in a shard is named.
     let shard = out_dir.join("shard-00001.bin");
     let mut b = std::fs::read(&shard).unwrap();

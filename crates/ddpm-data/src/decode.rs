@@ -55,6 +55,9 @@ pub fn decode(bytes: &[u8], origin: &str) -> Result<DynamicImage> {
     image::load_from_memory_with_format(bytes, format).map_err(|e| bad(format!("{format:?}: {e}")))
 }
 
+/// The largest WebP image decoded, in pixels (64 Mi: 8192x8192).
+pub const MAX_WEBP_PIXELS: usize = 64 << 20;
+
 /// WebP through libwebp, which decodes LSUN-like images about 2.6x faster than the pure-Rust
 /// decoder (bench/RESULTS.md). Still images only; alpha is dropped, as PIL's `convert("RGB")`.
 fn decode_webp(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
@@ -65,6 +68,14 @@ fn decode_webp(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
         return Err("WebP: not a valid still-image WebP header".into());
     }
     let (w, h) = (w as usize, h as usize);
+    // A hostile header can claim 16383x16383 (805 MB of RGB per decode, per thread); an
+    // allocation failure would abort the process rather than fail the sample.
+    if w * h > MAX_WEBP_PIXELS {
+        return Err(format!(
+            "WebP: {w}x{h} is over the limit of {} megapixels",
+            MAX_WEBP_PIXELS >> 20
+        ));
+    }
     let mut rgb = vec![0u8; w * h * 3];
     // SAFETY: `rgb` holds `h` rows of `w * 3` bytes, the stride passed; libwebp writes only
     // inside the buffer it is given and returns null when the bitstream does not decode.
@@ -78,7 +89,10 @@ fn decode_webp(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
         )
     };
     if out.is_null() {
-        return Err("WebP: the bitstream is truncated or corrupt".into());
+        return Err(
+            "WebP: the bitstream is truncated or corrupt, or animated (only still images are read)"
+                .into(),
+        );
     }
     let img = image::RgbImage::from_raw(w as u32, h as u32, rgb).expect("sized to w x h x 3");
     Ok(DynamicImage::ImageRgb8(img))

@@ -52,6 +52,15 @@ impl Order {
         self.len() == 0
     }
 
+    /// A stable name of the order, saved with checkpoints: a cursor's position means
+    /// something only under the order it was taken in.
+    pub fn describe(&self) -> String {
+        match self {
+            Order::Uniform(_) => "uniform".into(),
+            Order::Windowed { window, .. } => format!("shard-windows:{window}"),
+        }
+    }
+
     /// The permutation of epoch `epoch` of a run seeded with `seed`.
     pub fn permutation(&self, seed: u64, epoch: u64) -> Vec<u32> {
         match self {

@@ -11,7 +11,9 @@ use crate::{DataError, Result};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use ddpm_config::{BadSamplePolicy, DataConfig};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::mem::MaybeUninit;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -96,17 +98,25 @@ struct Job {
     cursor: Cursor,
 }
 
-/// Samples skipped so far (distinct indices) and the first reason.
+/// Samples skipped so far (distinct indices) and the first reason. Counted by the consumer
+/// in batch order, so the batch that passes the limit does not depend on thread timing.
+#[derive(Default)]
 struct BadSamples {
     indices: BTreeSet<u32>,
     first: Option<String>,
 }
 
+/// What a pool thread made of one job: the batch, and the samples it left out and why.
+type Built = Result<(Batch, Vec<(u32, String)>)>;
+
 /// Deals batches of a [`SampleSource`] in the deterministic epoch order; see the module docs.
 pub struct Loader {
-    results: Receiver<(u64, Result<Batch>)>,
+    results: Receiver<(u64, Built)>,
     credits: Option<Sender<()>>,
-    pending: BTreeMap<u64, Result<Batch>>,
+    pending: BTreeMap<u64, Built>,
+    bad: BadSamples,
+    dataset_len: usize,
+    max_bad_fraction: f64,
     next_seq: u64,
     waited: Duration,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -138,10 +148,6 @@ impl Loader {
         }
         let (job_tx, job_rx) = unbounded::<Job>();
         let (result_tx, result_rx) = unbounded();
-        let bad = Arc::new(Mutex::new(BadSamples {
-            indices: BTreeSet::new(),
-            first: None,
-        }));
         let mut threads = Vec::new();
         let order = source.order();
         {
@@ -154,12 +160,11 @@ impl Loader {
             );
         }
         for i in 0..opts.threads {
-            let (source, opts, jobs, results, bad) = (
+            let (source, opts, jobs, results) = (
                 source.clone(),
                 opts.clone(),
                 job_rx.clone(),
                 result_tx.clone(),
-                bad.clone(),
             );
             threads.push(
                 std::thread::Builder::new()
@@ -167,7 +172,17 @@ impl Loader {
                     .spawn(move || {
                         for job in jobs {
                             let seq = job.seq;
-                            let r = build(&*source, job, &opts, &bad);
+                            // A panic (a decoder bug, an allocation failure in libtorch) fails
+                            // this batch instead of leaving the consumer waiting for it.
+                            let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                build(&*source, job, &opts)
+                            }))
+                            .unwrap_or_else(|p| {
+                                Err(DataError::Internal(format!(
+                                    "a data thread panicked building batch {seq}: {}",
+                                    panic_message(&*p)
+                                )))
+                            });
                             if results.send((seq, r)).is_err() {
                                 return;
                             }
@@ -180,6 +195,9 @@ impl Loader {
             results: result_rx,
             credits: Some(credit_tx),
             pending: BTreeMap::new(),
+            bad: BadSamples::default(),
+            dataset_len: source.len(),
+            max_bad_fraction: opts.max_bad_fraction,
             next_seq: 0,
             waited: Duration::ZERO,
             threads,
@@ -214,7 +232,32 @@ impl Loader {
         if let Some(c) = &self.credits {
             let _ = c.send(());
         }
-        out
+        let (batch, skipped) = out?;
+        for (index, reason) in skipped {
+            self.skip(index, reason)?;
+        }
+        Ok(batch)
+    }
+
+    /// Counts a skipped sample; fails once more than `max_bad_fraction` of the dataset is bad.
+    fn skip(&mut self, index: u32, reason: String) -> Result<()> {
+        let b = &mut self.bad;
+        if b.indices.insert(index) {
+            metrics::counter!("ddpm_data_bad_samples_total").increment(1);
+            tracing::warn!(error = %reason, "skipped a sample that cannot be decoded (data.on_bad_sample = \"skip\")");
+            b.first.get_or_insert(reason);
+        }
+        let n = self.dataset_len;
+        // Every sample bad ends it too, whatever the limit: nothing could ever be trained on.
+        if b.indices.len() as f64 > self.max_bad_fraction * n as f64 || b.indices.len() == n {
+            return Err(DataError::TooManyBad {
+                bad: b.indices.len(),
+                total: n,
+                max_fraction: self.max_bad_fraction,
+                first: b.first.clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
     }
 
     /// Total time [`Loader::next_batch`] has blocked.
@@ -285,12 +328,7 @@ fn rank_slice(draws: &[Draw], b: usize, w: usize, r: usize, offset: usize) -> Ve
         .collect()
 }
 
-fn build(
-    source: &dyn SampleSource,
-    job: Job,
-    opts: &LoaderOptions,
-    bad: &Mutex<BadSamples>,
-) -> Result<Batch> {
+fn build(source: &dyn SampleSource, job: Job, opts: &LoaderOptions) -> Built {
     let [c, h, w] = source.shape();
     let per = c * h * w;
     let mut pixels = vec![0u8; per];
@@ -300,15 +338,19 @@ fn build(
         [n as i64, c as i64, h as i64, w as i64],
         (Kind::Float, Device::Cpu),
     );
-    // SAFETY: `images` is a new contiguous float32 CPU tensor of exactly `n * per` elements;
-    // nothing else refers to its storage until it is returned, after the last write.
-    let out = unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut f32, n * per) };
+    // SAFETY: `images` is a new contiguous float32 CPU tensor of exactly `n * per` elements,
+    // uninitialised, hence viewed as MaybeUninit; nothing else refers to its storage until it
+    // is returned, and only the rows written (the first `kept`) are exposed.
+    let out = unsafe {
+        std::slice::from_raw_parts_mut(images.data_ptr() as *mut MaybeUninit<f32>, n * per)
+    };
     let mut kept = Vec::with_capacity(n);
+    let mut skipped = Vec::new();
     for d in &job.draws {
         match source.read(d.index as usize, &mut pixels) {
             Ok(()) => {}
             Err(e @ DataError::Decode { .. }) if opts.on_bad_sample == BadSamplePolicy::Skip => {
-                skip(bad, d.index, &e, source.len(), opts.max_bad_fraction)?;
+                skipped.push((d.index, e.to_string()));
                 continue;
             }
             Err(e) => return Err(e),
@@ -323,51 +365,32 @@ fn build(
     } else {
         images
     };
-    Ok(Batch {
+    let batch = Batch {
         images,
         indices: kept,
         cursor: job.cursor,
-    })
+    };
+    Ok((batch, skipped))
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// `x / 127.5 - 1`, mirroring each row of width `w` when `flip`.
-fn to_unit_range(src: &[u8], dst: &mut [f32], w: usize, flip: bool) {
+fn to_unit_range(src: &[u8], dst: &mut [MaybeUninit<f32>], w: usize, flip: bool) {
     for (s, d) in src.chunks_exact(w).zip(dst.chunks_exact_mut(w)) {
         if flip {
             for (x, v) in d.iter_mut().zip(s.iter().rev()) {
-                *x = *v as f32 / 127.5 - 1.0;
+                x.write(*v as f32 / 127.5 - 1.0);
             }
         } else {
             for (x, v) in d.iter_mut().zip(s) {
-                *x = *v as f32 / 127.5 - 1.0;
+                x.write(*v as f32 / 127.5 - 1.0);
             }
         }
     }
-}
-
-/// Counts a skipped sample; fails once more than `max_fraction` of the dataset is bad.
-fn skip(
-    bad: &Mutex<BadSamples>,
-    index: u32,
-    e: &DataError,
-    n: usize,
-    max_fraction: f64,
-) -> Result<()> {
-    let mut b = bad.lock().expect("bad-sample lock");
-    if b.indices.insert(index) {
-        metrics::counter!("ddpm_data_bad_samples_total").increment(1);
-        tracing::warn!(error = %e, "skipped a sample that cannot be decoded (data.on_bad_sample = \"skip\")");
-        if b.first.is_none() {
-            b.first = Some(e.to_string());
-        }
-    }
-    if b.indices.len() as f64 > max_fraction * n as f64 {
-        return Err(DataError::TooManyBad {
-            bad: b.indices.len(),
-            total: n,
-            max_fraction,
-            first: b.first.clone().unwrap_or_default(),
-        });
-    }
-    Ok(())
 }

@@ -8,6 +8,8 @@ use crate::samples::SampleSource;
 use crate::shards::DatasetManifest;
 use crate::{DataError, Result};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -30,8 +32,14 @@ pub struct ShardCacheOptions {
 
 enum Slot {
     Loading,
-    Ready { bytes: Arc<Vec<u8>>, used: u64 },
-    Failed(String),
+    /// `read`: whether a reader has used it yet (prefetched shards are kept until then).
+    Ready {
+        bytes: Arc<Vec<u8>>,
+        used: u64,
+        read: bool,
+    },
+    /// A background fetch failed; the next reader fetches it again itself.
+    Failed,
 }
 
 struct Cache {
@@ -48,6 +56,8 @@ struct Inner {
     cache: Mutex<Cache>,
     changed: Condvar,
     origin: String,
+    /// Set when the source is dropped: queued prefetches are skipped.
+    closing: AtomicBool,
 }
 
 /// A [`SampleSource`] over the shards of a prepared dataset.
@@ -93,6 +103,7 @@ impl ShardSource {
             }),
             changed: Condvar::new(),
             origin: origin.into(),
+            closing: AtomicBool::new(false),
         });
         let (tx, rx) = crossbeam_channel::unbounded::<usize>();
         let fetchers = (0..options.fetch_threads.max(1))
@@ -102,7 +113,11 @@ impl ShardSource {
                     .name(format!("shard-fetch-{i}"))
                     .spawn(move || {
                         for shard in rx {
-                            inner.load(shard);
+                            if inner.closing.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            // Failures are kept as `Failed`; the reader retries and reports.
+                            let _ = inner.load(shard, false);
                         }
                     })
                     .expect("spawning a fetch thread")
@@ -132,6 +147,7 @@ impl ShardSource {
 
 impl Drop for ShardSource {
     fn drop(&mut self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
         self.prefetch = None;
         for h in self.fetchers.drain(..) {
             let _ = h.join();
@@ -144,60 +160,73 @@ impl Inner {
         self.starts.partition_point(|&s| s <= index as u64) - 1
     }
 
-    /// Fetches and verifies `shard` into its slot (which the caller marked `Loading`).
-    fn load(&self, shard: usize) {
+    /// Fetches and verifies `shard` into its slot (which the caller marked `Loading`), and
+    /// returns it; `read` marks it used by the caller.
+    fn load(&self, shard: usize, read: bool) -> Result<Arc<Vec<u8>>> {
         let entry = &self.manifest.shards[shard];
         let t0 = Instant::now();
-        let result = self.fetcher.fetch(&entry.name).and_then(|bytes| {
-            self.manifest
-                .verify_shard(entry, &bytes)
-                .map_err(|e| DataError::Format {
-                    path: format!("{}/{}", self.origin, entry.name),
-                    reason: e.to_string(),
-                })?;
-            Ok(bytes)
-        });
+        let name = || format!("{}/{}", self.origin, entry.name);
+        // A panicking fetcher must not leave the slot `Loading` with readers waiting on it.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetcher.fetch(&entry.name)))
+            .unwrap_or_else(|_| {
+                Err(DataError::Internal(format!(
+                    "{}: the fetch panicked",
+                    name()
+                )))
+            })
+            .and_then(|bytes| {
+                self.manifest
+                    .verify_shard(entry, &bytes)
+                    .map_err(|e| DataError::Format {
+                        path: name(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(Arc::new(bytes))
+            });
         metrics::histogram!("ddpm_data_shard_fetch_seconds").record(t0.elapsed().as_secs_f64());
         let mut c = self.cache.lock().expect("cache lock");
         c.tick += 1;
         let tick = c.tick;
-        let slot = match result {
+        let slot = match &result {
             Ok(bytes) => {
                 metrics::counter!("ddpm_data_shard_bytes_total").increment(bytes.len() as u64);
                 Slot::Ready {
-                    bytes: Arc::new(bytes),
+                    bytes: bytes.clone(),
                     used: tick,
+                    read,
                 }
             }
-            Err(e) => Slot::Failed(e.to_string()),
+            Err(_) => Slot::Failed,
         };
         c.slots.insert(shard, slot);
         self.evict(&mut c, shard);
         drop(c);
         self.changed.notify_all();
+        result
     }
 
-    /// Drops the least recently used ready shards beyond the capacity, never `keep`.
+    /// Drops ready shards beyond the capacity, never `keep`: least recently used first
+    /// among those already read, and prefetched ones not yet read only when no other is left.
     fn evict(&self, c: &mut Cache, keep: usize) {
         loop {
             let held = c
                 .slots
                 .values()
-                .filter(|s| !matches!(s, Slot::Failed(_)))
+                .filter(|s| !matches!(s, Slot::Failed))
                 .count();
             if held <= self.options.cache_shards {
                 return;
             }
-            let oldest = c
+            let victim = c
                 .slots
                 .iter()
                 .filter_map(|(&k, s)| match s {
-                    Slot::Ready { used, .. } if k != keep => Some((*used, k)),
+                    Slot::Ready { used, read, .. } if k != keep => Some((!*read, *used, k)),
                     _ => None,
                 })
                 .min();
-            match oldest {
-                Some((_, k)) => {
+            match victim {
+                Some((_, _, k)) => {
                     c.slots.remove(&k);
                 }
                 None => return,
@@ -205,22 +234,18 @@ impl Inner {
         }
     }
 
-    /// The bytes of `shard`, fetching on this thread when nobody else is.
+    /// The bytes of `shard`, fetching on this thread when nobody else is (and again when a
+    /// background fetch failed, so a transient error there costs one retry, not the run).
     fn get(&self, shard: usize) -> Result<Arc<Vec<u8>>> {
         let mut c = self.cache.lock().expect("cache lock");
         loop {
             c.tick += 1;
             let tick = c.tick;
             match c.slots.get_mut(&shard) {
-                Some(Slot::Ready { bytes, used }) => {
+                Some(Slot::Ready { bytes, used, read }) => {
                     *used = tick;
+                    *read = true;
                     return Ok(bytes.clone());
-                }
-                Some(Slot::Failed(e)) => {
-                    return Err(DataError::Source {
-                        source_spec: self.origin.clone(),
-                        reason: e.clone(),
-                    })
                 }
                 Some(Slot::Loading) => {
                     let t0 = Instant::now();
@@ -228,11 +253,13 @@ impl Inner {
                     metrics::histogram!("ddpm_data_shard_wait_seconds")
                         .record(t0.elapsed().as_secs_f64());
                 }
-                None => {
+                None | Some(Slot::Failed) => {
                     c.slots.insert(shard, Slot::Loading);
                     drop(c);
-                    self.load(shard);
-                    c = self.cache.lock().expect("cache lock");
+                    return self.load(shard, true).map_err(|e| DataError::Source {
+                        source_spec: self.origin.clone(),
+                        reason: e.to_string(),
+                    });
                 }
             }
         }
@@ -430,6 +457,80 @@ mod tests {
         assert!(
             err.contains("s3://b/d/shard-00001.bin") && err.contains("sha256"),
             "{err}"
+        );
+    }
+
+    /// Fails the first fetch of every shard, then serves it.
+    struct Flaky {
+        inner: Arc<Fake>,
+        failed: Mutex<std::collections::HashSet<String>>,
+    }
+
+    impl ShardFetcher for Flaky {
+        fn fetch(&self, name: &str) -> Result<Vec<u8>> {
+            if self.failed.lock().unwrap().insert(name.to_string()) {
+                return Err(DataError::Format {
+                    path: name.into(),
+                    reason: "connection reset".into(),
+                });
+            }
+            self.inner.fetch(name)
+        }
+    }
+
+    #[test]
+    fn a_failed_prefetch_is_fetched_again_by_its_reader() {
+        let (m, fake) = dataset(&[3, 3]);
+        let flaky = Arc::new(Flaky {
+            inner: fake.clone(),
+            failed: Mutex::new(Default::default()),
+        });
+        let src = ShardSource::new(m, flaky, options(2), "mem://d").unwrap();
+        src.will_need(&[4]);
+        let t0 = Instant::now();
+        while fake.fetches.load(Ordering::SeqCst) == 0
+            && !matches!(
+                src.inner.cache.lock().unwrap().slots.get(&1),
+                Some(Slot::Failed)
+            )
+        {
+            assert!(t0.elapsed().as_secs() < 10, "prefetch never finished");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let mut px = [0u8; 4];
+        src.read(4, &mut px).unwrap();
+        assert_eq!(px, [4; 4]);
+        // A reader's own failed fetch is reported, naming the shard; the next read retries.
+        let err = src.read(0, &mut px).unwrap_err().to_string();
+        assert!(
+            err.contains("shard-00000.bin") && err.contains("connection reset"),
+            "{err}"
+        );
+        src.read(0, &mut px).unwrap();
+        assert_eq!(px, [0; 4]);
+    }
+
+    #[test]
+    fn prefetched_shards_outlive_read_ones_in_the_cache() {
+        let (m, fake) = dataset(&[1, 1, 1, 1]);
+        let src = ShardSource::new(m, fake.clone(), options(2), "mem://d").unwrap();
+        let mut px = [0u8; 4];
+        src.read(0, &mut px).unwrap();
+        src.read(1, &mut px).unwrap();
+        // Shard 2 is announced; when it lands, a read shard makes room, not it.
+        src.will_need(&[2]);
+        let t0 = Instant::now();
+        while fake.fetches.load(Ordering::SeqCst) < 3 || src.cached_shards() < 2 {
+            assert!(t0.elapsed().as_secs() < 10, "prefetch never finished");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        src.read(3, &mut px).unwrap(); // evicts the other read shard, not the prefetched one
+        src.read(2, &mut px).unwrap();
+        assert_eq!(px, [2; 4]);
+        assert_eq!(
+            fake.fetches.load(Ordering::SeqCst),
+            4,
+            "shard 2 fetched twice"
         );
     }
 }

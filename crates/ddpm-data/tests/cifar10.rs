@@ -109,7 +109,7 @@ fn batches_of_real_photos_read_back_exactly_through_the_loader() {
         LoaderOptions::from_config(&c, 1, 5, 1, 0),
     )
     .unwrap();
-    let mut seen = vec![false; 35];
+    let mut seen = [false; 35];
     for _ in 0..7 {
         let b = loader.next_batch().unwrap();
         let v = Vec::<f32>::try_from(b.images.flatten(0, -1)).unwrap();

@@ -359,3 +359,61 @@ fn the_training_thread_waits_only_when_the_pool_is_slower() {
         "waited {later:?} after the first batch"
     );
 }
+
+#[test]
+fn a_panicking_read_fails_its_batch_instead_of_hanging() {
+    struct Panics(Arc<dyn SampleSource>);
+    impl SampleSource for Panics {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn shape(&self) -> [usize; 3] {
+            self.0.shape()
+        }
+        fn read(&self, index: usize, out: &mut [u8]) -> Result<(), DataError> {
+            assert!(index != 3, "decoder bug on sample 3");
+            self.0.read(index, out)
+        }
+        fn describe(&self) -> String {
+            "panics".into()
+        }
+    }
+    let mut l = Loader::start(
+        Arc::new(Panics(memory(8))),
+        Cursor::default(),
+        opts(8, 1, 0, 2),
+    )
+    .unwrap();
+    let err = l.next_batch().unwrap_err().to_string();
+    assert!(
+        err.contains("panicked") && err.contains("decoder bug on sample 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_folder_of_only_bad_images_fails_even_with_no_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bad");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..3 {
+        std::fs::write(dir.join(format!("{i}.png")), b"\x89PNG not really").unwrap();
+    }
+    let cfg = folder_cfg(&dir, BadSamplePolicy::Skip, 1.0);
+    let src = open_sample_source(&cfg).unwrap();
+    let mut o = LoaderOptions::from_config(&cfg, 5, 1, 1, 0);
+    o.threads = 1;
+    let mut l = Loader::start(src, Cursor::default(), o).unwrap();
+    let mut last = None;
+    for _ in 0..5 {
+        match l.next_batch() {
+            Ok(b) => assert_eq!(b.indices.len(), 0),
+            Err(e) => {
+                last = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let err = last.expect("the loader must stop once every image is bad");
+    assert!(err.contains("3 of 3"), "{err}");
+}

@@ -103,6 +103,11 @@ impl Trainer {
             )));
         }
         let b = s[0];
+        if b == 0 {
+            return Err(TrainError::Batch(
+                "an empty batch (no samples to train on)".into(),
+            ));
+        }
         tch::manual_seed(self.step_seed(self.step));
         let x0 = x0.to_device(self.device).to_kind(Kind::Float);
         let t = Tensor::randint(

@@ -19,6 +19,9 @@ pub struct Resumed {
     pub step: i64,
     /// Where the data order continues.
     pub cursor: Cursor,
+    /// The order the cursor walks ([`ddpm_data::epoch::Order::describe`]); "uniform" for
+    /// checkpoints written before the order was recorded.
+    pub data_order: String,
     /// Model, EMA and optimizer blobs.
     pub blobs: Vec<(String, Vec<u8>)>,
 }
@@ -48,11 +51,12 @@ pub fn root_url(cfg: &Config, out: &Path) -> Result<String> {
 }
 
 /// The state.json of a checkpoint.
-fn state_json(step: u64, cursor: &Cursor, cfg: &Config) -> serde_json::Value {
+fn state_json(step: u64, cursor: &Cursor, data_order: &str, cfg: &Config) -> serde_json::Value {
     serde_json::json!({
         "step": step,
         "epoch": cursor.epoch,
         "position": cursor.position,
+        "data_order": data_order,
         "seed": cfg.run.seed,
         // Every step reseeds libtorch from (seed, step): the RNG state is a function of them.
         "rng": {"scheme": "per-step reseed from (seed, step)", "seed": cfg.run.seed, "step": step},
@@ -161,6 +165,7 @@ impl Checkpoints {
         Ok(Some(Resumed {
             step: field("step")? as i64,
             cursor: Cursor::at(field("epoch")?, field("position")?),
+            data_order: v["data_order"].as_str().unwrap_or("uniform").to_string(),
             blobs: blobs
                 .into_iter()
                 .filter(|(n, _)| n != STATE_BLOB)
@@ -183,12 +188,18 @@ impl Checkpoints {
     /// Hands the trainer's state after `trainer.global_step()` updates to the uploader.
     /// Blocks only to wait for the previous checkpoint (logged and counted) and to copy the
     /// state to host memory. Returns the seconds the training thread spent here.
-    pub fn submit(&self, trainer: &Trainer, cursor: &Cursor, cfg: &Config) -> f64 {
+    pub fn submit(
+        &self,
+        trainer: &Trainer,
+        cursor: &Cursor,
+        data_order: &str,
+        cfg: &Config,
+    ) -> f64 {
         let started = Instant::now();
         let step = trainer.global_step() as u64;
         self.uploader.wait_for_slot(step);
         let snapshot = trainer.snapshot(&self.pool);
-        let state = state_json(step, cursor, cfg);
+        let state = state_json(step, cursor, data_order, cfg);
         self.uploader.submit(CheckpointJob {
             step,
             blobs: Box::new(move || {

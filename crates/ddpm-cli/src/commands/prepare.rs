@@ -7,7 +7,7 @@ use super::progress;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use ddpm_checkpoint::{open_url_with, StoreOptions};
+use ddpm_checkpoint::{open_url_with, put_blob, Blob, StoreOptions, UploadPolicy};
 use ddpm_config::{BadSamplePolicy, DataConfig};
 use ddpm_data::prepare::SourceReader;
 use ddpm_data::shards::{
@@ -224,11 +224,23 @@ pub fn run(a: PrepareArgs) -> Result<()> {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
-            store.put(&path, PutPayload::from(data.pixels)).await?;
+            // Multipart above 64 MiB: a shard of large images can pass S3's 5 GiB put limit.
+            let blob = Blob::from_segments(vec![Bytes::from(data.pixels)]);
+            put_blob(store.as_ref(), &path, &blob, &UploadPolicy::default()).await?;
             store.put(&side, PutPayload::from(json)).await
         })
         .with_context(|| format!("writing {name} to {}", a.out))?;
         shards.push(entry);
+        // Stop as soon as the limit is certainly passed, not after the whole source.
+        let skipped_so_far: Vec<(String, String)> = shards
+            .iter()
+            .flat_map(|s| s.skipped.iter().cloned())
+            .collect();
+        if skipped_so_far.len() as f64 > a.max_bad_fraction * reader.len() as f64 {
+            pb.finish_and_clear();
+            ddpm_data::encoded::check_bad_fraction(reader.len(), &skipped_so_far, &cfg)
+                .context("stopped early; the finished shards stay and a rerun reuses them")?;
+        }
     }
     pb.finish_and_clear();
     let skipped: Vec<(String, String)> = shards

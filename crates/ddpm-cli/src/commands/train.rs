@@ -67,6 +67,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )
     })?;
     tracing::info!(images = data.len(), source = %cfg.data.source, "dataset opened");
+    let data_order = data.order().describe();
     let mut trainer = Trainer::new(&cfg, dev)?;
     let (vs, _) = trainer.model();
     tracing::info!(parameters = ddpm_unet::parameter_count(vs), device = ?dev, steps = cfg.train.total_steps, "training");
@@ -131,6 +132,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 checkpoints.delete_steps(&newer)?;
                 tracing::warn!(steps = ?newer, "--resume --overwrite: deleted the newer checkpoints");
             }
+            // A position means something only in the order it was taken in: resuming mid-epoch
+            // under another order would repeat some samples and skip others.
+            anyhow::ensure!(
+                r.data_order == data_order || r.cursor.position == 0,
+                "checkpoint step {} is {} samples into epoch {} of data order {:?}, but this config                  gives order {data_order:?} (data.source or data.shuffle_window_shards changed);                  resuming would repeat and skip samples. Restore the setting, resume from a                  checkpoint at an epoch boundary (--resume STEP), or start over (--fresh)",
+                r.step,
+                r.cursor.position,
+                r.cursor.epoch,
+                r.data_order,
+            );
             cursor = r.cursor;
             start = r.step;
             tracing::info!(step = r.step, epoch = cursor.epoch, url = %checkpoints.url(), "resumed from checkpoint");
@@ -156,15 +167,33 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut stall = 0.0;
     let mut submitted: Option<u64> = None;
     let mut window_images = 0usize;
-    let mut loader = Loader::start(
-        data,
-        cursor.clone(),
-        LoaderOptions::from_config(&cfg.data, seed, batch, 1, 0),
-    )?;
-    let mut window_wait = loader.waited();
+    // Started only when there is something to train: it fetches ahead at once.
+    let mut loader = if start < total {
+        Some(Loader::start(
+            data,
+            cursor.clone(),
+            LoaderOptions::from_config(&cfg.data, seed, batch, 1, 0),
+        )?)
+    } else {
+        None
+    };
+    let mut window_wait = std::time::Duration::ZERO;
     for step in start..total {
-        let b = loader.next_batch()?;
-        cursor = b.cursor;
+        let loader = loader.as_mut().expect("started: there are steps to run");
+        // A batch whose every sample was skipped as undecodable (data.on_bad_sample =
+        // "skip") is passed over; the cursor moves past it.
+        let b = loop {
+            let b = loader.next_batch()?;
+            cursor = b.cursor.clone();
+            if !b.indices.is_empty() {
+                break b;
+            }
+            tracing::warn!(
+                epoch = cursor.epoch,
+                position = cursor.position,
+                "a batch had no decodable sample; taking the next"
+            );
+        };
         let stats = trainer.step(&b.images)?;
         window_images += b.indices.len();
         pb.inc(1);
@@ -207,7 +236,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 loss.is_finite(),
                 "step {done}: the loss is {loss}; not checkpointing this state, stopping (lower train.lr?)"
             );
-            stall += checkpoints.submit(&trainer, &cursor, &cfg);
+            stall += checkpoints.submit(&trainer, &cursor, &data_order, &cfg);
             submitted = Some(done as u64);
         }
         if cfg.train.snapshot_every > 0 && done % cfg.train.snapshot_every == 0 && done != total {
@@ -217,6 +246,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     }
     pb.finish_and_clear();
+    // Stop the loader's threads and drop its shard cache before sampling and exit.
+    drop(loader);
     let (m, _) = trainer.model();
     let (e, _) = trainer.ema_model();
     save_weights_dir(&out, &cfg, m, e)?;
