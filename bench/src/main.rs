@@ -17,12 +17,15 @@
 //!   background uploader, against a plain copy of the same bytes (see `checkpoint.rs`).
 //! * `loader`: the training loader on a folder of encoded images (decode, crop, resize, flip,
 //!   to tensor) on N threads, against a PyTorch DataLoader (`bench/reference_loader.py`).
+//! * `allreduce`: the TCP ring all-reduce of ddpm-collective between processes on loopback,
+//!   against the raw loopback bandwidth in the same run (see `allreduce.rs`).
 //! * `diffusers-config`: the diffusers `UNet2DModel` config.json equivalent to a config's
 //!   U-Net ([`ddpm_unet::weights::diffusers_config`]); the reference script builds from it.
 //!
 //! Each run prints one JSON line on stdout; the peak resident set size is the process's
 //! `VmHWM` from `/proc/self/status`.
 
+mod allreduce;
 mod checkpoint;
 mod loader;
 
@@ -55,6 +58,11 @@ enum Command {
     TrainPhases(RunArgs),
     /// Checkpoint the full training state to file:// against a plain copy of the same bytes.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// TCP ring all-reduce between processes on loopback vs raw loopback TCP bandwidth.
+    Allreduce(allreduce::AllReduceArgs),
+    /// One rank of `allreduce` (started by it).
+    #[command(hide = true)]
+    AllreduceRank(allreduce::RankArgs),
     /// Training-loader throughput on a folder of encoded images.
     Loader(loader::LoaderArgs),
     /// Print the diffusers UNet2DModel config.json equivalent to a config's U-Net.
@@ -104,6 +112,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainPhases(a) => train_phases(&a)?,
         Command::Checkpoint(a) => checkpoint::run(&a)?,
         Command::Loader(a) => loader::run(&a)?,
+        Command::Allreduce(a) => allreduce::run(&a)?,
+        Command::AllreduceRank(a) => allreduce::rank(&a)?,
         Command::DiffusersConfig { config } => {
             let cfg = load_config(&config)?;
             ddpm_unet::weights::diffusers_config(&UNetConfig::from_config(&cfg))?

@@ -1,0 +1,103 @@
+//! Collectives for data-parallel training: every rank calls the same operation in the same
+//! order; all-reduce sums (or averages) a buffer across ranks, broadcast copies rank
+//! `root`'s buffer to all, barrier waits for everyone. Every operation has a timeout, and an
+//! [`AbortHandle`] can interrupt a blocked operation from another thread. Errors name the
+//! collective, this rank and the peer it was waiting for.
+//!
+//! Backends: [`tcp::TcpRing`], a pipelined ring (reduce-scatter + all-gather) over TCP for
+//! CPU workers. The NCCL backend (cudarc, GPU tensors) is not built yet.
+
+pub mod tcp;
+
+use std::time::Duration;
+
+/// Errors of a collective operation.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// A peer did not send or take data within the timeout.
+    #[error(
+        "{collective} on rank {rank}: timed out after {waited:?} waiting for rank {peer} ({addr})"
+    )]
+    Timeout {
+        /// The operation and the caller's context (e.g. "all_reduce bucket 3 at step 120").
+        collective: String,
+        /// This rank.
+        rank: usize,
+        /// The rank waited for.
+        peer: usize,
+        /// Its address.
+        addr: String,
+        /// How long.
+        waited: Duration,
+    },
+    /// The connection to a peer failed (it died, or the network did).
+    #[error("{collective} on rank {rank}: connection to rank {peer} ({addr}) failed: {source}")]
+    Peer {
+        /// The operation and the caller's context.
+        collective: String,
+        /// This rank.
+        rank: usize,
+        /// The peer.
+        peer: usize,
+        /// Its address.
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The ranks disagree (buffer sizes, operation order, world size, generation).
+    #[error("{collective} on rank {rank}: {reason}")]
+    Mismatch {
+        /// The operation and the caller's context.
+        collective: String,
+        /// This rank.
+        rank: usize,
+        /// What differs.
+        reason: String,
+    },
+    /// [`AbortHandle::abort`] was called.
+    #[error("{collective} on rank {rank}: aborted")]
+    Aborted {
+        /// The operation and the caller's context.
+        collective: String,
+        /// This rank.
+        rank: usize,
+    },
+    /// Bad arguments (the caller's bug).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
+
+/// How all-reduce combines the ranks' buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise mean (the sum divided by the world size): what data-parallel gradients need.
+    Avg,
+}
+
+/// Interrupts the operations of one collective from another thread.
+pub trait AbortHandle: Send + Sync {
+    /// Makes the blocked operation (and every later one) fail with [`CollectiveError::Aborted`].
+    fn abort(&self);
+}
+
+/// The operations every backend offers. `what` names the call in errors and logs (e.g.
+/// "gradient bucket 2 at step 140").
+pub trait Collective: Send {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Ranks taking part.
+    fn world_size(&self) -> usize;
+    /// Combines `buf` across ranks in place; every rank ends with the same values.
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp, what: &str) -> Result<()>;
+    /// Copies rank `root`'s `buf` into every rank's `buf`.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize, what: &str) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&mut self, what: &str) -> Result<()>;
+    /// A handle that aborts this collective's operations from another thread.
+    fn abort_handle(&self) -> std::sync::Arc<dyn AbortHandle>;
+}

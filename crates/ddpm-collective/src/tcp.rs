@@ -1,0 +1,440 @@
+//! A ring over TCP: rank r sends to rank r+1 and receives from rank r-1 (mod world size).
+//!
+//! All-reduce is the bandwidth-optimal ring: a reduce-scatter of W-1 steps, then an
+//! all-gather of W-1 steps, each rank sending and receiving one W-th of the buffer per step.
+//! It is chunked and pipelined: a sender thread writes chunks as soon as the receiving side
+//! has reduced them, so sending, receiving and adding overlap, and the sockets stay busy in
+//! both directions. Every operation starts with a header (operation, length, sequence
+//! number), so ranks that disagree fail with a message instead of exchanging garbage.
+
+use crate::{AbortHandle, Collective, CollectiveError, ReduceOp, Result};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MAGIC: u32 = 0x4444_5052; // "DDPR"
+const VERSION: u32 = 1;
+const OP_ALL_REDUCE: u32 = 1;
+const OP_BROADCAST: u32 = 2;
+
+/// Settings of a [`TcpRing`].
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// Longest wait for any one read or write of a peer, and for the ring to form.
+    pub timeout: Duration,
+    /// Elements per pipelined chunk.
+    pub chunk_elems: usize,
+    /// Identifies one incarnation of the ring (the coordinator's generation): a peer of
+    /// another generation is refused.
+    pub generation: u64,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(300),
+            chunk_elems: 1 << 18, // 1 MiB of f32
+            generation: 0,
+        }
+    }
+}
+
+/// A ring of `world` ranks over TCP; see the module docs.
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    peers: Vec<SocketAddr>,
+    /// To rank + 1.
+    next: Option<TcpStream>,
+    /// From rank - 1.
+    prev: Option<TcpStream>,
+    options: RingOptions,
+    seq: u64,
+    abort: Arc<RingAbort>,
+}
+
+struct RingAbort {
+    aborted: AtomicBool,
+    streams: Mutex<Vec<TcpStream>>,
+}
+
+impl AbortHandle for RingAbort {
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        for s in self.streams.lock().expect("abort lock").iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn handshake(rank: usize, world: usize, generation: u64) -> [u8; 24] {
+    let mut h = [0u8; 24];
+    h[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&(rank as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&(world as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&generation.to_le_bytes());
+    h
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl TcpRing {
+    /// Joins the ring as `rank`: `listener` is this rank's socket (bound to `peers[rank]`),
+    /// `peers` every rank's address. Connects to the next rank (retrying while it starts)
+    /// and accepts the previous one, both within `options.timeout`.
+    pub fn connect(
+        rank: usize,
+        listener: TcpListener,
+        peers: &[SocketAddr],
+        options: RingOptions,
+    ) -> Result<Self> {
+        let world = peers.len();
+        if world == 0 || rank >= world || options.chunk_elems == 0 {
+            return Err(CollectiveError::Invalid(format!(
+                "rank {rank} of a ring of {world} with chunks of {}",
+                options.chunk_elems
+            )));
+        }
+        let abort = Arc::new(RingAbort {
+            aborted: AtomicBool::new(false),
+            streams: Mutex::new(Vec::new()),
+        });
+        let mut ring = Self {
+            rank,
+            world,
+            peers: peers.to_vec(),
+            next: None,
+            prev: None,
+            options,
+            seq: 0,
+            abort,
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let deadline = Instant::now() + ring.options.timeout;
+        let what = "forming the ring";
+        // Connect first: the peer's kernel completes the connection into its listen queue
+        // even before it calls accept, so no ordering between ranks is needed.
+        let next_rank = (rank + 1) % world;
+        let mut next = loop {
+            match TcpStream::connect_timeout(&peers[next_rank], Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(peer = next_rank, error = %e, "ring: next rank not up yet");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => return Err(ring.timeout(what, next_rank, ring.options.timeout)),
+            }
+        };
+        ring.setup(&next);
+        next.write_all(&handshake(rank, world, ring.options.generation))
+            .map_err(|e| ring.io_error(what, next_rank, e))?;
+        let prev_rank = (rank + world - 1) % world;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| ring.io_error(what, prev_rank, e))?;
+        let mut prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    return Err(ring.timeout(what, prev_rank, ring.options.timeout))
+                }
+                Err(e) => return Err(ring.io_error(what, prev_rank, e)),
+            }
+        };
+        prev.set_nonblocking(false)
+            .map_err(|e| ring.io_error(what, prev_rank, e))?;
+        ring.setup(&prev);
+        let mut h = [0u8; 24];
+        prev.read_exact(&mut h)
+            .map_err(|e| ring.io_error(what, prev_rank, e))?;
+        let want = handshake(prev_rank, world, ring.options.generation);
+        if h != want {
+            return Err(ring.mismatch(
+                what,
+                format!(
+                    "expected rank {prev_rank} of {world} (generation {}) to connect, got magic {:#x} version {} rank {} of {} (generation {})",
+                    ring.options.generation,
+                    u32_at(&h, 0),
+                    u32_at(&h, 4),
+                    u32_at(&h, 8),
+                    u32_at(&h, 12),
+                    u64_at(&h, 16)
+                ),
+            ));
+        }
+        {
+            let mut streams = ring.abort.streams.lock().expect("abort lock");
+            for s in [&next, &prev] {
+                if let Ok(c) = s.try_clone() {
+                    streams.push(c);
+                }
+            }
+        }
+        ring.next = Some(next);
+        ring.prev = Some(prev);
+        Ok(ring)
+    }
+
+    fn setup(&self, s: &TcpStream) {
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(self.options.timeout));
+        let _ = s.set_write_timeout(Some(self.options.timeout));
+    }
+
+    fn timeout(&self, what: &str, peer: usize, waited: Duration) -> CollectiveError {
+        CollectiveError::Timeout {
+            collective: what.into(),
+            rank: self.rank,
+            peer,
+            addr: self.peers[peer].to_string(),
+            waited,
+        }
+    }
+
+    fn mismatch(&self, what: &str, reason: String) -> CollectiveError {
+        CollectiveError::Mismatch {
+            collective: what.into(),
+            rank: self.rank,
+            reason,
+        }
+    }
+
+    /// An I/O error with a peer: a timeout, an abort, or a failed connection.
+    fn io_error(&self, what: &str, peer: usize, e: std::io::Error) -> CollectiveError {
+        if self.abort.aborted.load(Ordering::SeqCst) {
+            return CollectiveError::Aborted {
+                collective: what.into(),
+                rank: self.rank,
+            };
+        }
+        match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                self.timeout(what, peer, self.options.timeout)
+            }
+            _ => CollectiveError::Peer {
+                collective: what.into(),
+                rank: self.rank,
+                peer,
+                addr: self.peers[peer].to_string(),
+                source: e,
+            },
+        }
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Sends this operation's header to the next rank and checks the previous rank's.
+    fn exchange_header(&mut self, op: u32, len: usize, what: &str) -> Result<()> {
+        if self.abort.aborted.load(Ordering::SeqCst) {
+            return Err(CollectiveError::Aborted {
+                collective: what.into(),
+                rank: self.rank,
+            });
+        }
+        self.seq += 1;
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&op.to_le_bytes());
+        h[4..12].copy_from_slice(&(len as u64).to_le_bytes());
+        h[12..20].copy_from_slice(&self.seq.to_le_bytes());
+        let (next, prev) = (self.next_rank(), self.prev_rank());
+        let r = self.next.as_mut().expect("connected").write_all(&h);
+        r.map_err(|e| self.io_error(what, next, e))?;
+        let mut got = [0u8; 20];
+        let r = self.prev.as_mut().expect("connected").read_exact(&mut got);
+        r.map_err(|e| self.io_error(what, prev, e))?;
+        if got != h {
+            let name = |op| match op {
+                OP_ALL_REDUCE => "all_reduce",
+                OP_BROADCAST => "broadcast",
+                _ => "an unknown operation",
+            };
+            return Err(self.mismatch(
+                what,
+                format!(
+                    "rank {prev} is at {} of {} elements (operation {}), this rank at {} of {len} (operation {})",
+                    name(u32_at(&got, 0)),
+                    u64_at(&got, 4),
+                    u64_at(&got, 12),
+                    name(op),
+                    self.seq
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn ring_all_reduce(&mut self, buf: &mut [f32], what: &str) -> Result<()> {
+        let (w, r, chunk) = (self.world, self.rank, self.options.chunk_elems);
+        let n = buf.len();
+        // Segment i is [n*i/w, n*(i+1)/w), cut into chunks: the same table on every rank.
+        let mut table: Vec<Vec<Option<&mut [f32]>>> = Vec::with_capacity(w);
+        let mut rest = buf;
+        for i in 0..w {
+            let len = n * (i + 1) / w - n * i / w;
+            let (seg, tail) = rest.split_at_mut(len);
+            rest = tail;
+            table.push(seg.chunks_mut(chunk).map(Some).collect());
+        }
+        let (next_rank, prev_rank) = (self.next_rank(), self.prev_rank());
+        let next = self.next.as_mut().expect("connected");
+        let prev = self.prev.as_mut().expect("connected");
+        type Chunk<'a> = (usize, usize, &'a mut [f32]);
+        let (to_send, send_rx) = mpsc::channel::<Chunk>();
+        let (sent_tx, sent) = mpsc::channel::<Chunk>();
+        let seg = |k: isize| (k.rem_euclid(w as isize)) as usize;
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(move || -> std::io::Result<()> {
+                for (s, k, c) in send_rx {
+                    next.write_all(bytemuck::cast_slice(c))?;
+                    if sent_tx.send((s, k, c)).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let mut recv = || -> std::result::Result<(), std::io::Error> {
+                let mut tmp = vec![0f32; chunk];
+                // Step 0 of the reduce-scatter sends this rank's own segment as it is.
+                let own = r;
+                for (k, c) in table[own].iter_mut().enumerate() {
+                    let _ = to_send.send((own, k, c.take().expect("owned")));
+                }
+                // Reduce-scatter: receive segment r-s-1, add, pass it on in the next step.
+                for s in 0..w - 1 {
+                    let i = seg(r as isize - s as isize - 1);
+                    for k in 0..table[i].len() {
+                        let c = table[i][k].take().expect("not yet sent");
+                        let t = &mut tmp[..c.len()];
+                        prev.read_exact(bytemuck::cast_slice_mut(t))?;
+                        for (x, y) in c.iter_mut().zip(t.iter()) {
+                            *x += *y;
+                        }
+                        let _ = to_send.send((i, k, c));
+                    }
+                }
+                // All-gather: receive the finished segment r-s, forward all but the last.
+                for s in 0..w - 1 {
+                    let i = seg(r as isize - s as isize);
+                    for k in 0..table[i].len() {
+                        while table[i][k].is_none() {
+                            match sent.recv() {
+                                Ok((si, sk, c)) => table[si][sk] = Some(c),
+                                Err(_) => return Err(std::io::Error::other("the sender stopped")),
+                            }
+                        }
+                        let c = table[i][k].take().expect("returned");
+                        prev.read_exact(bytemuck::cast_slice_mut(c))?;
+                        if s < w - 2 {
+                            let _ = to_send.send((i, k, c));
+                        }
+                    }
+                }
+                Ok(())
+            };
+            let received = recv();
+            drop(to_send);
+            let sent_result = sender.join().expect("the ring sender panicked");
+            // The sender's own error explains a receiver that stopped waiting for it.
+            match (received, sent_result) {
+                (Ok(()), Ok(())) => Ok(()),
+                (_, Err(e)) => Err((next_rank, e)),
+                (Err(e), Ok(())) => Err((prev_rank, e)),
+            }
+        })
+        .map_err(|(peer, e)| self.io_error(what, peer, e))
+    }
+
+    fn chain_broadcast(&mut self, buf: &mut [f32], root: usize, what: &str) -> Result<()> {
+        let (next_rank, prev_rank) = (self.next_rank(), self.prev_rank());
+        let forward = next_rank != root;
+        let chunk = self.options.chunk_elems;
+        for c in buf.chunks_mut(chunk) {
+            if self.rank != root {
+                let r = self
+                    .prev
+                    .as_mut()
+                    .expect("connected")
+                    .read_exact(bytemuck::cast_slice_mut(c));
+                r.map_err(|e| self.io_error(what, prev_rank, e))?;
+            }
+            if forward {
+                let r = self
+                    .next
+                    .as_mut()
+                    .expect("connected")
+                    .write_all(bytemuck::cast_slice(c));
+                r.map_err(|e| self.io_error(what, next_rank, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp, what: &str) -> Result<()> {
+        let what = format!("all_reduce {what}");
+        if self.world > 1 {
+            self.exchange_header(OP_ALL_REDUCE, buf.len(), &what)?;
+            self.ring_all_reduce(buf, &what)?;
+        }
+        if op == ReduceOp::Avg && self.world > 1 {
+            let inv = 1.0 / self.world as f32;
+            for x in buf.iter_mut() {
+                *x *= inv;
+            }
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize, what: &str) -> Result<()> {
+        let what = format!("broadcast {what}");
+        if root >= self.world {
+            return Err(CollectiveError::Invalid(format!(
+                "{what}: root {root} of a world of {}",
+                self.world
+            )));
+        }
+        if self.world > 1 {
+            self.exchange_header(OP_BROADCAST, buf.len(), &what)?;
+            self.chain_broadcast(buf, root, &what)?;
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self, what: &str) -> Result<()> {
+        let mut one = [0f32; 1];
+        self.all_reduce(&mut one, ReduceOp::Sum, &format!("(barrier) {what}"))
+    }
+
+    fn abort_handle(&self) -> Arc<dyn AbortHandle> {
+        self.abort.clone()
+    }
+}
