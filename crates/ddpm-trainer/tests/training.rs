@@ -68,10 +68,15 @@ fn gradients_accumulate_into_the_flat_buffer() {
 
     let x0 = images();
     tr.step(&x0).unwrap();
-    // Replay the step's randomness (no flips: t, then noise) on the plain network.
-    tch::manual_seed(tr.step_seed(0));
-    let t = Tensor::randint(1000, [16], (Kind::Int64, Device::Cpu));
-    let noise = Tensor::randn_like(&x0);
+    // Replay the step's randomness on the plain network: per example, reseed, t, noise.
+    let (mut ts, mut noises) = (Vec::new(), Vec::new());
+    for i in 0..16 {
+        tch::manual_seed(tr.example_seed(0, i));
+        ts.push(Tensor::randint(1000, [1], (Kind::Int64, Device::Cpu)));
+        noises.push(Tensor::randn([1, 1, 16, 16], (Kind::Float, Device::Cpu)));
+    }
+    let t = Tensor::cat(&ts, 0);
+    let noise = Tensor::cat(&noises, 0);
     let loss = tr
         .diffusion()
         .training_losses(|x, t| net.forward_t(x, t, true), &x0, &t, &noise)
@@ -398,4 +403,58 @@ fn snapshot_segments_are_safetensors_and_their_buffers_are_reused() {
         .flat_map(|(_, p)| p[1..].iter().map(|b| b.as_ptr()))
         .collect();
     assert!(ptrs.contains(&first_ptr), "a pooled buffer was reused");
+}
+
+#[test]
+fn two_ranks_with_averaged_gradients_take_the_steps_of_one_with_both_batches() {
+    let _rng = rng_lock();
+    // Invariant 2 with world sizes 2 and 4: per-rank batches of 8 and 4 against one batch
+    // of 16, gradients averaged as an all-reduce would (no dropout: its masks are not
+    // shared between world sizes).
+    // The paper's learning rate. Adam normalises each update, so a rounding difference in a
+    // near-zero gradient component can move a parameter by up to ~lr: measured 5.6e-8 at
+    // lr 2e-4, but 2e-6 at the tiny config's 1e-3.
+    let mut cfg = tiny_config("");
+    cfg.model.dropout = 0.0;
+    cfg.train.lr = 2e-4;
+    let x0 = images();
+    let mut single = Trainer::new(&cfg, Device::Cpu).unwrap();
+    for _ in 0..5 {
+        single.step(&x0).unwrap();
+    }
+    for world in [2i64, 4] {
+        let per = 16 / world;
+        let mut ranks: Vec<Trainer> = (0..world)
+            .map(|_| Trainer::new(&cfg, Device::Cpu).unwrap())
+            .collect();
+        for _ in 0..5 {
+            let mut sum: Option<Tensor> = None;
+            let mut losses = Vec::new();
+            for (r, tr) in ranks.iter_mut().enumerate() {
+                let part = x0.narrow(0, r as i64 * per, per);
+                losses.push(
+                    tr.accumulate_gradients(&part, r as u64 * per as u64)
+                        .unwrap(),
+                );
+                let g = tr.gradients_mut().copy();
+                sum = Some(match sum {
+                    None => g,
+                    Some(s) => s + g,
+                });
+            }
+            let mean = sum.unwrap() / world as f64;
+            for (tr, loss) in ranks.iter_mut().zip(losses) {
+                tr.gradients_mut().copy_(&mean);
+                tr.apply_update(loss);
+            }
+        }
+        let want = &single.flat().0.params;
+        for (r, tr) in ranks.iter().enumerate() {
+            let diff = (&tr.flat().0.params - want).abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-6,
+                "world {world} rank {r}: parameters differ by {diff:e}"
+            );
+        }
+    }
 }
