@@ -53,6 +53,8 @@ pub struct RankArgs {
     pub raw: Vec<SocketAddr>,
 }
 
+/// Free ports, found by binding and releasing them (a port could be taken in between; the
+/// rank then fails to bind and says so).
 fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
     let ls: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
@@ -147,9 +149,13 @@ pub fn rank(a: &RankArgs) -> Result<Value> {
     let mut ring = TcpRing::connect(a.rank, ring_listener, &a.ring, opts)?;
     // The raw pair: to the next rank, from the previous, as the ring's own sockets are.
     let next = (a.rank + 1) % w;
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut to_next = loop {
         match TcpStream::connect(a.raw[next]) {
             Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => {
+                anyhow::bail!("rank {}: raw connection to {}: {e}", a.rank, a.raw[next])
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     };

@@ -53,6 +53,9 @@ pub struct TcpRing {
     options: RingOptions,
     seq: u64,
     abort: Arc<RingAbort>,
+    /// Set by the first failed operation: the byte streams are out of step, so every later
+    /// operation fails at once (rebuild the ring).
+    broken: Option<String>,
 }
 
 struct RingAbort {
@@ -60,12 +63,20 @@ struct RingAbort {
     streams: Mutex<Vec<TcpStream>>,
 }
 
-impl AbortHandle for RingAbort {
-    fn abort(&self) {
-        self.aborted.store(true, Ordering::SeqCst);
+impl RingAbort {
+    /// Closes both connections: blocked reads and writes here fail at once, and the
+    /// neighbours see the connection end instead of waiting out their timeout.
+    fn shutdown_streams(&self) {
         for s in self.streams.lock().expect("abort lock").iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+    }
+}
+
+impl AbortHandle for RingAbort {
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.shutdown_streams();
     }
 }
 
@@ -117,6 +128,7 @@ impl TcpRing {
             options,
             seq: 0,
             abort,
+            broken: None,
         };
         if world == 1 {
             return Ok(ring);
@@ -127,7 +139,9 @@ impl TcpRing {
         // even before it calls accept, so no ordering between ranks is needed.
         let next_rank = (rank + 1) % world;
         let mut next = loop {
-            match TcpStream::connect_timeout(&peers[next_rank], Duration::from_secs(5)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = left.clamp(Duration::from_millis(10), Duration::from_secs(5));
+            match TcpStream::connect_timeout(&peers[next_rank], attempt) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(peer = next_rank, error = %e, "ring: next rank not up yet");
@@ -143,39 +157,54 @@ impl TcpRing {
         listener
             .set_nonblocking(true)
             .map_err(|e| ring.io_error(what, prev_rank, e))?;
-        let mut prev = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
+        // Accept until the previous rank's handshake arrives: a stray or stale connection
+        // (another generation, a port scanner) is dropped and reported only if nothing
+        // better comes before the deadline.
+        let want = handshake(prev_rank, world, ring.options.generation);
+        let mut refused: Option<String> = None;
+        let prev = loop {
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
+                    continue;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    return Err(ring.timeout(what, prev_rank, ring.options.timeout))
+                    return Err(match refused {
+                        Some(reason) => ring.mismatch(what, reason),
+                        None => ring.timeout(what, prev_rank, ring.options.timeout),
+                    })
                 }
                 Err(e) => return Err(ring.io_error(what, prev_rank, e)),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut stream = stream;
+            let mut h = [0u8; 24];
+            let read = stream
+                .set_nonblocking(false)
+                .and_then(|()| stream.set_read_timeout(Some(left.max(Duration::from_millis(10)))))
+                .and_then(|()| stream.read_exact(&mut h));
+            match read {
+                Ok(()) if h == want => break stream,
+                Ok(()) => {
+                    let reason = format!(
+                        "expected rank {prev_rank} of {world} (generation {}) to connect, got magic {:#x} version {} rank {} of {} (generation {})",
+                        ring.options.generation,
+                        u32_at(&h, 0),
+                        u32_at(&h, 4),
+                        u32_at(&h, 8),
+                        u32_at(&h, 12),
+                        u64_at(&h, 16)
+                    );
+                    tracing::warn!(rank, %reason, "ring: refused a connection");
+                    refused = Some(reason);
+                }
+                Err(e) => {
+                    tracing::warn!(rank, error = %e, "ring: a connection sent no handshake");
+                }
             }
         };
-        prev.set_nonblocking(false)
-            .map_err(|e| ring.io_error(what, prev_rank, e))?;
         ring.setup(&prev);
-        let mut h = [0u8; 24];
-        prev.read_exact(&mut h)
-            .map_err(|e| ring.io_error(what, prev_rank, e))?;
-        let want = handshake(prev_rank, world, ring.options.generation);
-        if h != want {
-            return Err(ring.mismatch(
-                what,
-                format!(
-                    "expected rank {prev_rank} of {world} (generation {}) to connect, got magic {:#x} version {} rank {} of {} (generation {})",
-                    ring.options.generation,
-                    u32_at(&h, 0),
-                    u32_at(&h, 4),
-                    u32_at(&h, 8),
-                    u32_at(&h, 12),
-                    u64_at(&h, 16)
-                ),
-            ));
-        }
         {
             let mut streams = ring.abort.streams.lock().expect("abort lock");
             for s in [&next, &prev] {
@@ -235,6 +264,16 @@ impl TcpRing {
         }
     }
 
+    /// Records the first failure and closes both connections, so the neighbours fail now
+    /// rather than at their timeout.
+    fn fail(&mut self, e: CollectiveError) -> CollectiveError {
+        if self.broken.is_none() {
+            self.broken = Some(e.to_string());
+        }
+        self.abort.shutdown_streams();
+        e
+    }
+
     fn next_rank(&self) -> usize {
         (self.rank + 1) % self.world
     }
@@ -244,22 +283,29 @@ impl TcpRing {
     }
 
     /// Sends this operation's header to the next rank and checks the previous rank's.
-    fn exchange_header(&mut self, op: u32, len: usize, what: &str) -> Result<()> {
+    fn exchange_header(&mut self, op: u32, len: usize, arg: u64, what: &str) -> Result<()> {
         if self.abort.aborted.load(Ordering::SeqCst) {
             return Err(CollectiveError::Aborted {
                 collective: what.into(),
                 rank: self.rank,
             });
         }
+        if let Some(first) = &self.broken {
+            return Err(self.mismatch(
+                what,
+                format!("the ring was broken by an earlier error ({first}); it must be rebuilt"),
+            ));
+        }
         self.seq += 1;
-        let mut h = [0u8; 20];
+        let mut h = [0u8; 28];
         h[..4].copy_from_slice(&op.to_le_bytes());
         h[4..12].copy_from_slice(&(len as u64).to_le_bytes());
         h[12..20].copy_from_slice(&self.seq.to_le_bytes());
+        h[20..28].copy_from_slice(&arg.to_le_bytes());
         let (next, prev) = (self.next_rank(), self.prev_rank());
         let r = self.next.as_mut().expect("connected").write_all(&h);
         r.map_err(|e| self.io_error(what, next, e))?;
-        let mut got = [0u8; 20];
+        let mut got = [0u8; 28];
         let r = self.prev.as_mut().expect("connected").read_exact(&mut got);
         r.map_err(|e| self.io_error(what, prev, e))?;
         if got != h {
@@ -271,10 +317,11 @@ impl TcpRing {
             return Err(self.mismatch(
                 what,
                 format!(
-                    "rank {prev} is at {} of {} elements (operation {}), this rank at {} of {len} (operation {})",
+                    "rank {prev} is at {} of {} elements (operation {}, argument {}), this rank at {} of {len} (operation {}, argument {arg}; the argument is the root of a broadcast, 0 for sum and 1 for average)",
                     name(u32_at(&got, 0)),
                     u64_at(&got, 4),
                     u64_at(&got, 12),
+                    u64_at(&got, 20),
                     name(op),
                     self.seq
                 ),
@@ -302,10 +349,21 @@ impl TcpRing {
         let (to_send, send_rx) = mpsc::channel::<Chunk>();
         let (sent_tx, sent) = mpsc::channel::<Chunk>();
         let seg = |k: isize| (k.rem_euclid(w as isize)) as usize;
+        let longest = table
+            .iter()
+            .flatten()
+            .map(|c| c.as_ref().map_or(0, |c| c.len()))
+            .max();
+        let abort = self.abort.clone();
         std::thread::scope(|scope| {
+            let sender_abort = abort.clone();
             let sender = scope.spawn(move || -> std::io::Result<()> {
                 for (s, k, c) in send_rx {
-                    next.write_all(bytemuck::cast_slice(c))?;
+                    if let Err(e) = next.write_all(bytemuck::cast_slice(c)) {
+                        // Unblock our receiver (and the neighbours) now, not at a timeout.
+                        sender_abort.shutdown_streams();
+                        return Err(e);
+                    }
                     if sent_tx.send((s, k, c)).is_err() {
                         break;
                     }
@@ -313,7 +371,7 @@ impl TcpRing {
                 Ok(())
             });
             let mut recv = || -> std::result::Result<(), std::io::Error> {
-                let mut tmp = vec![0f32; chunk];
+                let mut tmp = vec![0f32; longest.unwrap_or(0)];
                 // Step 0 of the reduce-scatter sends this rank's own segment as it is.
                 let own = r;
                 for (k, c) in table[own].iter_mut().enumerate() {
@@ -352,6 +410,10 @@ impl TcpRing {
                 Ok(())
             };
             let received = recv();
+            if received.is_err() {
+                // The sender may be blocked writing to a neighbour that waits for us.
+                abort.shutdown_streams();
+            }
             drop(to_send);
             let sent_result = sender.join().expect("the ring sender panicked");
             // The sender's own error explains a receiver that stopped waiting for it.
@@ -402,8 +464,11 @@ impl Collective for TcpRing {
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp, what: &str) -> Result<()> {
         let what = format!("all_reduce {what}");
         if self.world > 1 {
-            self.exchange_header(OP_ALL_REDUCE, buf.len(), &what)?;
-            self.ring_all_reduce(buf, &what)?;
+            let arg = u64::from(op == ReduceOp::Avg);
+            let r = self
+                .exchange_header(OP_ALL_REDUCE, buf.len(), arg, &what)
+                .and_then(|()| self.ring_all_reduce(buf, &what));
+            r.map_err(|e| self.fail(e))?;
         }
         if op == ReduceOp::Avg && self.world > 1 {
             let inv = 1.0 / self.world as f32;
@@ -423,8 +488,10 @@ impl Collective for TcpRing {
             )));
         }
         if self.world > 1 {
-            self.exchange_header(OP_BROADCAST, buf.len(), &what)?;
-            self.chain_broadcast(buf, root, &what)?;
+            let r = self
+                .exchange_header(OP_BROADCAST, buf.len(), root as u64, &what)
+                .and_then(|()| self.chain_broadcast(buf, root, &what));
+            r.map_err(|e| self.fail(e))?;
         }
         Ok(())
     }
@@ -436,5 +503,12 @@ impl Collective for TcpRing {
 
     fn abort_handle(&self) -> Arc<dyn AbortHandle> {
         self.abort.clone()
+    }
+}
+
+impl Drop for TcpRing {
+    fn drop(&mut self) {
+        // The abort handle may outlive the ring: close the connections now regardless.
+        self.abort.shutdown_streams();
     }
 }

@@ -243,3 +243,43 @@ fn a_ring_of_another_generation_is_refused() {
     );
     let _ = stale.join().unwrap();
 }
+
+#[test]
+fn one_rank_out_of_step_fails_every_rank_quickly_and_the_ring_stays_broken() {
+    // Only rank 1 sees rank 0's header differ; its failure closes its connections, so
+    // ranks 0 and 2 fail too, long before the 30 s timeout.
+    let t0 = Instant::now();
+    let out = on_ring(3, options(64, Duration::from_secs(30)), |ring| {
+        let n = if ring.rank() == 0 { 100 } else { 101 };
+        let first = ring
+            .all_reduce(&mut vec![1.0; n], ReduceOp::Sum, "bucket 0")
+            .map_err(|e| e.to_string());
+        let again = ring
+            .all_reduce(&mut [1.0; 4], ReduceOp::Sum, "bucket 1")
+            .map_err(|e| e.to_string());
+        (first, again)
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    for (rank, (first, again)) in out.into_iter().enumerate() {
+        assert!(first.is_err(), "rank {rank} did not fail");
+        let again = again.unwrap_err();
+        assert!(again.contains("broken"), "rank {rank}: {again}");
+    }
+    let err = on_ring(2, options(64, Duration::from_secs(30)), |ring| {
+        // Two ranks that each think they are the root of a broadcast.
+        let root = ring.rank();
+        ring.broadcast(&mut [0.0; 10], root, "parameters")
+            .map_err(|e| e.to_string())
+    });
+    for e in err {
+        let e = e.unwrap_err();
+        assert!(
+            e.contains("broadcast") && e.contains("argument 0") && e.contains("argument 1"),
+            "{e}"
+        );
+    }
+}

@@ -45,7 +45,7 @@ impl Trainer {
     /// Builds the model (initialised from `run.seed`), its EMA copy and zeroed Adam state.
     ///
     /// Randomness comes from libtorch's process-global generator, reseeded at every step
-    /// (see [`Trainer::example_seed`]); run one trainer per process.
+    /// (see [`Trainer::step_seed`]); run one trainer per process.
     pub fn new(config: &Config, device: Device) -> Result<Self> {
         if config.train.threads > 0 {
             tch::set_num_threads(config.train.threads as i32);
@@ -92,20 +92,27 @@ impl Trainer {
     /// One step on a batch `x0` of images in [-1, 1] `[B, C, H, W]` (on any device), already
     /// augmented: the loader flips samples (`data.random_flip`), keyed by their place in the
     /// epoch, so that a sample's flip does not depend on the world size. The same as
-    /// [`Trainer::accumulate_gradients`] with `first_example = 0` then [`Trainer::apply_update`].
+    /// [`Trainer::compute_gradients`] of the whole batch, then [`Trainer::apply_update`].
     pub fn step(&mut self, x0: &Tensor) -> Result<StepStats> {
-        let loss = self.accumulate_gradients(x0, 0)?;
+        let b = x0.size().first().copied().unwrap_or(0).max(0) as u64;
+        let loss = self.compute_gradients(x0, 0, b)?;
         Ok(self.apply_update(loss))
     }
 
     /// The first half of a data-parallel step: the loss of `x0` and its gradients in the flat
-    /// gradient buffer ([`Trainer::flat`]), nothing updated yet. `first_example` is the
-    /// position of `x0[0]` in the step's global batch (rank * per-rank batch): each example's
-    /// timestep and noise are drawn from a generator seeded by (run seed, step, position),
-    /// so W ranks with batch B draw exactly what one process with batch W*B draws. The loss
-    /// is the mean over this batch; average the gradients over the ranks (all-reduce), then
-    /// call [`Trainer::apply_update`].
-    pub fn accumulate_gradients(&mut self, x0: &Tensor, first_example: u64) -> Result<Tensor> {
+    /// gradient buffer (zeroed first; nothing is updated yet). `x0` is rows
+    /// `first_example..first_example + B` of the step's global batch of `global_batch`
+    /// examples. The timesteps and noise of the whole global batch are drawn from one
+    /// generator seeded by (run seed, step) and this rank takes its rows, so W ranks draw
+    /// exactly what one process with the whole batch draws, in one kernel each. The loss is
+    /// the mean over `x0`: with equal batches on every rank, average the gradients over the
+    /// ranks (all-reduce) and call [`Trainer::apply_update`].
+    pub fn compute_gradients(
+        &mut self,
+        x0: &Tensor,
+        first_example: u64,
+        global_batch: u64,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let s = x0.size();
         let want = [cfg.data.channels, cfg.data.resolution, cfg.data.resolution];
@@ -121,11 +128,25 @@ impl Trainer {
                 "an empty batch (no samples to train on)".into(),
             ));
         }
+        if first_example + b as u64 > global_batch {
+            return Err(TrainError::Batch(format!(
+                "rows {first_example}..{} of a global batch of {global_batch}",
+                first_example + b as u64
+            )));
+        }
         let x0 = x0.to_device(self.device).to_kind(Kind::Float);
-        let (t, noise) = self.example_randomness(b, first_example, &x0);
-        // Dropout draws from the generator left by the last example's seed: deterministic,
-        // but not shared between world sizes (exact data-parallel equivalence needs
-        // model.dropout = 0).
+        tch::manual_seed(self.step_seed(self.step));
+        let g = global_batch as i64;
+        let t = Tensor::randint(
+            self.diffusion.num_timesteps(),
+            [g],
+            (Kind::Int64, self.device),
+        );
+        let noise = Tensor::randn([g, s[1], s[2], s[3]], (Kind::Float, self.device));
+        let (first, rows) = (first_example as i64, b);
+        let (t, noise) = (t.narrow(0, first, rows), noise.narrow(0, first, rows));
+        // Dropout draws next from the same generator: deterministic, but not shared between
+        // world sizes (exact data-parallel equivalence needs model.dropout = 0).
         let net = &self.net;
         let losses =
             self.diffusion
@@ -136,26 +157,9 @@ impl Trainer {
         Ok(loss.detach())
     }
 
-    /// Timesteps `[B]` and noise like `x0` for examples `first..first + B` of this step.
-    fn example_randomness(&self, b: i64, first: u64, x0: &Tensor) -> (Tensor, Tensor) {
-        let shape = [1, x0.size()[1], x0.size()[2], x0.size()[3]];
-        let mut ts = Vec::with_capacity(b as usize);
-        let mut noises = Vec::with_capacity(b as usize);
-        for i in 0..b as u64 {
-            tch::manual_seed(self.example_seed(self.step, first + i));
-            ts.push(Tensor::randint(
-                self.diffusion.num_timesteps(),
-                [1],
-                (Kind::Int64, self.device),
-            ));
-            noises.push(Tensor::randn(shape, (Kind::Float, self.device)));
-        }
-        (Tensor::cat(&ts, 0), Tensor::cat(&noises, 0))
-    }
-
     /// The second half of a step, on gradients already averaged over the ranks: global-norm
     /// clipping, Adam, EMA, and the step counter. `loss` is what
-    /// [`Trainer::accumulate_gradients`] returned (reported, not used).
+    /// [`Trainer::compute_gradients`] returned (reported, not used).
     pub fn apply_update(&mut self, loss: Tensor) -> StepStats {
         let cfg = &self.config;
         let grads = &mut self.flat.grads;
@@ -177,10 +181,11 @@ impl Trainer {
         }
     }
 
-    /// The flat gradient buffer, for averaging it over the ranks between
-    /// [`Trainer::accumulate_gradients`] and [`Trainer::apply_update`].
-    pub fn gradients_mut(&mut self) -> &mut Tensor {
-        &mut self.flat.grads
+    /// The flat gradient buffer (a shallow handle: write into it in place, e.g. with the
+    /// ranks' average, between [`Trainer::compute_gradients`] and
+    /// [`Trainer::apply_update`]).
+    pub fn gradients(&self) -> Tensor {
+        self.flat.grads.shallow_clone()
     }
 
     /// torch.optim.Adam (no weight decay, no amsgrad) on the flat buffers.
@@ -219,15 +224,12 @@ impl Trainer {
         });
     }
 
-    /// The libtorch seed of example `position` of the global batch of update number `step`
-    /// (0-based). The timestep, noise (and, after the batch's last example, dropout) of a
-    /// step depend only on (run seed, step, position): resuming at step k needs no generator
-    /// state, only k, and the world size does not change what an example draws.
-    pub fn example_seed(&self, step: i64, position: u64) -> i64 {
-        // SplitMix64 finaliser over (seed, step, position): well-mixed, cheap, stable.
-        let mut z = self.config.run.seed
-            ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ position.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    /// The libtorch seed of update number `step` (0-based). Each step reseeds the generator
+    /// from (run seed, step), so the timesteps, noise and dropout of a step depend only on
+    /// those two numbers: resuming at step k needs no generator state, only k.
+    pub fn step_seed(&self, step: i64) -> i64 {
+        // SplitMix64 finaliser over (seed, step): well-mixed, cheap, stable across versions.
+        let mut z = self.config.run.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         ((z ^ (z >> 31)) >> 1) as i64

@@ -68,15 +68,10 @@ fn gradients_accumulate_into_the_flat_buffer() {
 
     let x0 = images();
     tr.step(&x0).unwrap();
-    // Replay the step's randomness on the plain network: per example, reseed, t, noise.
-    let (mut ts, mut noises) = (Vec::new(), Vec::new());
-    for i in 0..16 {
-        tch::manual_seed(tr.example_seed(0, i));
-        ts.push(Tensor::randint(1000, [1], (Kind::Int64, Device::Cpu)));
-        noises.push(Tensor::randn([1, 1, 16, 16], (Kind::Float, Device::Cpu)));
-    }
-    let t = Tensor::cat(&ts, 0);
-    let noise = Tensor::cat(&noises, 0);
+    // Replay the step's randomness (t, then noise) on the plain network.
+    tch::manual_seed(tr.step_seed(0));
+    let t = Tensor::randint(1000, [16], (Kind::Int64, Device::Cpu));
+    let noise = Tensor::randn_like(&x0);
     let loss = tr
         .diffusion()
         .training_losses(|x, t| net.forward_t(x, t, true), &x0, &t, &noise)
@@ -433,10 +428,10 @@ fn two_ranks_with_averaged_gradients_take_the_steps_of_one_with_both_batches() {
             for (r, tr) in ranks.iter_mut().enumerate() {
                 let part = x0.narrow(0, r as i64 * per, per);
                 losses.push(
-                    tr.accumulate_gradients(&part, r as u64 * per as u64)
+                    tr.compute_gradients(&part, r as u64 * per as u64, 16)
                         .unwrap(),
                 );
-                let g = tr.gradients_mut().copy();
+                let g = tr.gradients().copy();
                 sum = Some(match sum {
                     None => g,
                     Some(s) => s + g,
@@ -444,7 +439,7 @@ fn two_ranks_with_averaged_gradients_take_the_steps_of_one_with_both_batches() {
             }
             let mean = sum.unwrap() / world as f64;
             for (tr, loss) in ranks.iter_mut().zip(losses) {
-                tr.gradients_mut().copy_(&mean);
+                tr.gradients().copy_(&mean);
                 tr.apply_update(loss);
             }
         }

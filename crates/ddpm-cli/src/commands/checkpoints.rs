@@ -58,8 +58,8 @@ fn state_json(step: u64, cursor: &Cursor, data_order: &str, cfg: &Config) -> ser
         "position": cursor.position,
         "data_order": data_order,
         "seed": cfg.run.seed,
-        // Each example reseeds libtorch from (seed, step, position): no generator state to save.
-        "rng": {"scheme": "per-example reseed from (seed, step, position in the global batch)", "seed": cfg.run.seed, "step": step},
+        // Every step reseeds libtorch from (seed, step): the RNG state is a function of them.
+        "rng": {"scheme": "per-step reseed from (seed, step); the global batch's t and noise drawn at once", "seed": cfg.run.seed, "step": step},
         "world_size": 1,
     })
 }
