@@ -1,7 +1,7 @@
 //! The training loader: a planner thread walks the deterministic epoch order (this rank's
 //! slice of every global batch) and hands whole batches to a pool of threads, which read,
-//! decode, flip and convert them to float tensors. At most `prefetch_batches` batches are
-//! planned ahead of the one the training thread takes, so memory stays bounded; the training
+//! decode, flip and convert them to float tensors. At most `prefetch_batches` plus one per
+//! thread are in flight ahead of the one the training thread takes, so memory stays bounded; the training
 //! thread waits only when the pool cannot keep up, and that wait is exported as
 //! `ddpm_data_wait_seconds`.
 

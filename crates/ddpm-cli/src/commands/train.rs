@@ -126,22 +126,25 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 .copied()
                 .filter(|s| *s as i64 > r.step)
                 .collect();
+            // A position means something only in the order it was taken in: resuming mid-epoch
+            // under another order would repeat some samples and skip others.
+            anyhow::ensure!(
+                r.data_order == data_order || r.cursor.position == 0,
+                "checkpoint step {} is {} samples into epoch {} of data order {:?}, but this config \
+                 gives order {data_order:?} (data.source or data.shuffle_window_shards changed); \
+                 resuming would repeat and skip samples. Restore the setting, resume from a \
+                 checkpoint at an epoch boundary (--resume STEP), or start over (--fresh)",
+                r.step,
+                r.cursor.position,
+                r.cursor.epoch,
+                r.data_order,
+            );
             // Restore first: if the state does not fit the model, nothing has been deleted.
             trainer.import_state(&r.blobs, r.step)?;
             if a.resume.is_some() && !newer.is_empty() {
                 checkpoints.delete_steps(&newer)?;
                 tracing::warn!(steps = ?newer, "--resume --overwrite: deleted the newer checkpoints");
             }
-            // A position means something only in the order it was taken in: resuming mid-epoch
-            // under another order would repeat some samples and skip others.
-            anyhow::ensure!(
-                r.data_order == data_order || r.cursor.position == 0,
-                "checkpoint step {} is {} samples into epoch {} of data order {:?}, but this config                  gives order {data_order:?} (data.source or data.shuffle_window_shards changed);                  resuming would repeat and skip samples. Restore the setting, resume from a                  checkpoint at an epoch boundary (--resume STEP), or start over (--fresh)",
-                r.step,
-                r.cursor.position,
-                r.cursor.epoch,
-                r.data_order,
-            );
             cursor = r.cursor;
             start = r.step;
             tracing::info!(step = r.step, epoch = cursor.epoch, url = %checkpoints.url(), "resumed from checkpoint");
