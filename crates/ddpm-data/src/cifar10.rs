@@ -30,7 +30,7 @@ pub struct Cifar10 {
 
 /// Parses one batch file's bytes; `path` names it in errors.
 pub fn parse_batch(bytes: &[u8], path: &str, out: &mut Cifar10) -> Result<()> {
-    if bytes.is_empty() || bytes.len() % RECORD_BYTES != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD_BYTES) {
         return Err(DataError::Format {
             path: path.into(),
             reason: format!(

@@ -58,7 +58,7 @@ impl MemorySource {
     /// Wraps `pixels` (`n * C * H * W` bytes).
     pub fn new(pixels: Vec<u8>, shape: [usize; 3], name: &str) -> Result<Self> {
         let per = shape.iter().product::<usize>();
-        if per == 0 || pixels.is_empty() || pixels.len() % per != 0 {
+        if per == 0 || pixels.is_empty() || !pixels.len().is_multiple_of(per) {
             return Err(DataError::Format {
                 path: name.into(),
                 reason: format!(

@@ -93,7 +93,7 @@ pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
             let done = std::sync::atomic::AtomicUsize::new(0);
             let report = |n: usize| {
                 let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-                if d % 10_000 == 0 {
+                if d.is_multiple_of(10_000) {
                     tracing::info!(images = d, source = %cfg.source, "decoding");
                 }
             };
