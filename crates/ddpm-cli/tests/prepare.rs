@@ -206,4 +206,30 @@ fn a_dataset_is_prepared_into_an_s3_api() {
     );
     let text = ok(&argv);
     assert!(text.contains("already prepared"), "{text}");
+
+    // Train from it: the loader fetches and verifies the shards from the S3 API.
+    let options: String = moto
+        .options()
+        .iter()
+        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+        .collect();
+    let cfg = dir.path().join("s3shards.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[run]\nname = \"s3shards\"\nout_dir = \"{}\"\n[data]\nsource = \"shards:s3://data/photos16\"\nresolution = 16\nchannels = 3\n\
+             [data.options]\n{options}\
+             [model]\nch = 32\nch_mult = [1, 2]\nnum_res_blocks = 1\nattn_resolutions = [8]\n\
+             [diffusion]\nnum_timesteps = 20\n[train]\nbatch_size = 4\ntotal_steps = 3\nthreads = 1\n[sample]\nsteps = 10\n",
+            path(&dir.path().join("run"))
+        ),
+    )
+    .unwrap();
+    let (status, log) = ddpm_log(&["train", "--config", &path(&cfg)], "info");
+    assert!(status.success() && log.contains("images=5"), "{log}");
+    let lines = std::fs::read_to_string(dir.path().join("run/train_log.jsonl")).unwrap();
+    assert!(
+        lines.contains("\"step\":3") && lines.contains("data_wait_fraction"),
+        "{lines}"
+    );
 }
