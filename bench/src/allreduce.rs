@@ -126,11 +126,6 @@ fn duplex(to: &mut TcpStream, from: &mut TcpStream, data: &[u8], into: &mut [u8]
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// One rank: raw exchange and all-reduce, alternating, `warmup + iters` rounds.
 pub fn rank(a: &RankArgs) -> Result<Value> {
     let c = &a.common;
@@ -184,7 +179,7 @@ pub fn rank(a: &RankArgs) -> Result<Value> {
             ar_s.push(ar);
         }
     }
-    let (raw, ar) = (median(raw_s.clone()), median(ar_s.clone()));
+    let (raw, ar) = (crate::median(&raw_s), crate::median(&ar_s));
     let raw_gbs = bytes as f64 / raw / 1e9;
     let bus_gbs = bytes as f64 * 2.0 * (w - 1) as f64 / w as f64 / ar / 1e9;
     Ok(json!({

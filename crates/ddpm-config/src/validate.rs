@@ -18,6 +18,13 @@ fn finite_in(key: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Check {
     }
 }
 
+fn at_least(key: &str, v: i64, min: i64) -> Check {
+    if v < min {
+        return fail(key, format!("expected >= {min}, got {v}"));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Checks every value; on failure returns `(dotted key, what was expected)`.
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -62,18 +69,8 @@ impl Config {
                 format!("expected 0..=1, got {}", d.max_bad_fraction),
             );
         }
-        if d.prefetch_batches < 1 {
-            return fail(
-                "data.prefetch_batches",
-                format!("expected >= 1, got {}", d.prefetch_batches),
-            );
-        }
-        if d.shuffle_window_shards < 1 {
-            return fail(
-                "data.shuffle_window_shards",
-                format!("expected >= 1, got {}", d.shuffle_window_shards),
-            );
-        }
+        at_least("data.prefetch_batches", d.prefetch_batches, 1)?;
+        at_least("data.shuffle_window_shards", d.shuffle_window_shards, 1)?;
         if d.cache_shards < d.shuffle_window_shards {
             return fail(
                 "data.cache_shards",
@@ -83,9 +80,7 @@ impl Config {
                 ),
             );
         }
-        if d.workers < 0 {
-            return fail("data.workers", format!("expected >= 0, got {}", d.workers));
-        }
+        at_least("data.workers", d.workers, 0)?;
 
         let m = &self.model;
         if m.ch <= 0 || m.ch % 32 != 0 {
@@ -106,12 +101,7 @@ impl Config {
                 ),
             );
         }
-        if m.num_res_blocks < 1 {
-            return fail(
-                "model.num_res_blocks",
-                format!("expected >= 1, got {}", m.num_res_blocks),
-            );
-        }
+        at_least("model.num_res_blocks", m.num_res_blocks, 1)?;
         finite_in("model.dropout", m.dropout, 0.0, 0.99, false)?;
         let levels = m.ch_mult.len() as u32;
         let factor = 1i64 << (levels - 1);
@@ -158,12 +148,7 @@ impl Config {
         }
 
         let t = &self.train;
-        if t.batch_size < 1 {
-            return fail(
-                "train.batch_size",
-                format!("expected >= 1, got {}", t.batch_size),
-            );
-        }
+        at_least("train.batch_size", t.batch_size, 1)?;
         finite_in("train.lr", t.lr, 0.0, 1.0, true)?;
         finite_in("train.adam_beta1", t.adam_beta1, 0.0, 1.0, false)?;
         finite_in("train.adam_beta2", t.adam_beta2, 0.0, 1.0, false)?;
@@ -180,46 +165,19 @@ impl Config {
                 format!("expected a value < 1, got {}", t.adam_beta2),
             );
         }
-        if t.warmup_steps < 0 {
-            return fail(
-                "train.warmup_steps",
-                format!("expected >= 0, got {}", t.warmup_steps),
-            );
-        }
+        at_least("train.warmup_steps", t.warmup_steps, 0)?;
         finite_in("train.grad_clip", t.grad_clip, 0.0, 1e9, false)?;
         finite_in("train.ema_decay", t.ema_decay, 0.0, 1.0, false)?;
         if t.ema_decay >= 1.0 {
             return fail("train.ema_decay", "expected a decay < 1");
         }
-        if t.total_steps < 1 {
-            return fail(
-                "train.total_steps",
-                format!("expected >= 1, got {}", t.total_steps),
-            );
-        }
-        if t.log_every < 1 {
-            return fail(
-                "train.log_every",
-                format!("expected >= 1, got {}", t.log_every),
-            );
-        }
-        if t.snapshot_every < 0 {
-            return fail(
-                "train.snapshot_every",
-                format!("expected >= 0, got {}", t.snapshot_every),
-            );
-        }
-        if t.threads < 0 {
-            return fail("train.threads", format!("expected >= 0, got {}", t.threads));
-        }
+        at_least("train.total_steps", t.total_steps, 1)?;
+        at_least("train.log_every", t.log_every, 1)?;
+        at_least("train.snapshot_every", t.snapshot_every, 0)?;
+        at_least("train.threads", t.threads, 0)?;
 
         let c = &self.checkpoint;
-        if c.every_steps < 0 {
-            return fail(
-                "checkpoint.every_steps",
-                format!("expected >= 0, got {}", c.every_steps),
-            );
-        }
+        at_least("checkpoint.every_steps", c.every_steps, 0)?;
         if c.keep_last < 2 {
             return fail(
                 "checkpoint.keep_last",
@@ -247,12 +205,7 @@ impl Config {
             );
         }
         finite_in("sample.eta", s.eta, 0.0, 1e3, false)?;
-        if s.batch_size < 1 {
-            return fail(
-                "sample.batch_size",
-                format!("expected >= 1, got {}", s.batch_size),
-            );
-        }
+        at_least("sample.batch_size", s.batch_size, 1)?;
         Ok(())
     }
 }

@@ -38,7 +38,8 @@ pub struct Preprocessed {
     pub skipped: Vec<(String, String)>,
 }
 
-fn workers(cfg: &DataConfig) -> usize {
+/// Threads of `data.workers` (0: one per CPU).
+pub fn workers(cfg: &DataConfig) -> usize {
     if cfg.workers > 0 {
         cfg.workers as usize
     } else {

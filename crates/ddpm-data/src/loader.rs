@@ -49,11 +49,7 @@ impl LoaderOptions {
         world: usize,
         rank: usize,
     ) -> Self {
-        let threads = if data.workers > 0 {
-            data.workers as usize
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        };
+        let threads = crate::encoded::workers(data);
         Self {
             per_rank,
             world,

@@ -174,20 +174,11 @@ impl LsunDb {
 
     /// Every key, in key order (40 bytes each; checked to be hex ids).
     pub fn keys(&self) -> Result<Vec<[u8; 40]>> {
-        let rtxn = self
-            .env
-            .read_txn()
-            .map_err(|e| lmdb_err(&self.path, "read transaction", e))?;
-        let iter = self
-            .db
-            .iter(&rtxn)
-            .map_err(|e| lmdb_err(&self.path, "iterating", e))?;
         let mut out = Vec::new();
-        for item in iter {
-            let (key, _) = item.map_err(|e| lmdb_err(&self.path, "reading an entry", e))?;
-            let key = check_key(&self.path, key)?;
+        self.for_each(0, |key, _| {
             out.push(key.as_bytes().try_into().expect("checked: 40 bytes"));
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 

@@ -36,13 +36,7 @@ pub struct SourceReader {
 impl SourceReader {
     /// Opens `cfg.source` (`lsun:`, `folder:`, `idx:`, `cifar10:`, `cifar10-test:`).
     pub fn open(cfg: &DataConfig) -> Result<Self> {
-        let (kind, path) = cfg
-            .source
-            .split_once(':')
-            .ok_or_else(|| DataError::Source {
-                source_spec: cfg.source.clone(),
-                reason: "expected KIND:PATH".into(),
-            })?;
+        let (kind, path) = crate::source::source_kind(cfg)?;
         let items = match kind {
             "lsun" => Items::Lsun(crate::lsun::LsunDb::open(Path::new(path))?),
             "folder" => Items::Folder(crate::folder::list_images(Path::new(path))?),

@@ -200,10 +200,7 @@ pub fn open_sample_source(cfg: &DataConfig) -> Result<Arc<dyn SampleSource>> {
         source_spec: cfg.source.clone(),
         reason,
     };
-    let (kind, path) = cfg
-        .source
-        .split_once(':')
-        .ok_or_else(|| src_err("expected KIND:PATH, e.g. cifar10:DIR".into()))?;
+    let (kind, path) = crate::source::source_kind(cfg)?;
     if kind == "lsun" || kind == "folder" {
         if cfg.pad != 0 {
             return Err(src_err(format!(

@@ -60,6 +60,14 @@ pub fn to_unit_range(x: &Tensor) -> Tensor {
     x.to_kind(Kind::Float) / 127.5 - 1.0
 }
 
+/// The (kind, path) of `data.source` (`KIND:PATH`); the error names the source.
+pub fn source_kind(cfg: &DataConfig) -> Result<(&str, &str)> {
+    cfg.source.split_once(':').ok_or_else(|| DataError::Source {
+        source_spec: cfg.source.clone(),
+        reason: "expected KIND:PATH, e.g. idx:train-images-idx3-ubyte.gz or cifar10:DIR".into(),
+    })
+}
+
 /// Opens the dataset named by `data.source` and checks it against `data.channels`,
 /// `data.pad` and `data.resolution`.
 pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
@@ -67,10 +75,7 @@ pub fn open_source(cfg: &DataConfig) -> Result<ImageSet> {
         source_spec: cfg.source.clone(),
         reason,
     };
-    let (kind, path) = cfg
-        .source
-        .split_once(':')
-        .ok_or_else(|| src_err("expected KIND:PATH, e.g. idx:train-images-idx3-ubyte.gz".into()))?;
+    let (kind, path) = source_kind(cfg)?;
     let images = match kind {
         "idx" => {
             let a = idx::read(Path::new(path))?;

@@ -27,6 +27,30 @@ fn memory(n: usize) -> Arc<dyn SampleSource> {
     Arc::new(MemorySource::new(pixels(n), [3, 2, 4], "mem").unwrap())
 }
 
+/// `inner` with `hook(index)` run before every read (a delay, a panic).
+fn hooked(
+    inner: Arc<dyn SampleSource>,
+    hook: impl Fn(usize) + Send + Sync + 'static,
+) -> Arc<dyn SampleSource> {
+    struct Hooked<F>(Arc<dyn SampleSource>, F);
+    impl<F: Fn(usize) + Send + Sync> SampleSource for Hooked<F> {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn shape(&self) -> [usize; 3] {
+            self.0.shape()
+        }
+        fn read(&self, index: usize, out: &mut [u8]) -> Result<(), DataError> {
+            (self.1)(index);
+            self.0.read(index, out)
+        }
+        fn describe(&self) -> String {
+            format!("hooked {}", self.0.describe())
+        }
+    }
+    Arc::new(Hooked(inner, hook))
+}
+
 fn opts(per_rank: usize, world: usize, rank: usize, threads: usize) -> LoaderOptions {
     LoaderOptions {
         per_rank,
@@ -315,25 +339,11 @@ fn undecodable_photos_fail_naming_the_file_or_are_skipped_up_to_the_limit() {
 
 #[test]
 fn the_training_thread_waits_only_when_the_pool_is_slower() {
-    struct Slow(Arc<dyn SampleSource>);
-    impl SampleSource for Slow {
-        fn len(&self) -> usize {
-            self.0.len()
-        }
-        fn shape(&self) -> [usize; 3] {
-            self.0.shape()
-        }
-        fn read(&self, index: usize, out: &mut [u8]) -> Result<(), DataError> {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            self.0.read(index, out)
-        }
-        fn describe(&self) -> String {
-            "slow".into()
-        }
-    }
     // The pool needs ~40 ms a batch and training takes none: nearly all of it is waiting.
     let mut l = Loader::start(
-        Arc::new(Slow(memory(16))),
+        hooked(memory(16), |_| {
+            std::thread::sleep(std::time::Duration::from_millis(10))
+        }),
         Cursor::default(),
         opts(4, 1, 0, 1),
     )
@@ -342,7 +352,9 @@ fn the_training_thread_waits_only_when_the_pool_is_slower() {
     assert!(l.waited().as_secs_f64() > 0.1, "waited {:?}", l.waited());
     // With 50 ms of "training" a step the pool keeps ahead: after the first batch, no wait.
     let mut l = Loader::start(
-        Arc::new(Slow(memory(16))),
+        hooked(memory(16), |_| {
+            std::thread::sleep(std::time::Duration::from_millis(10))
+        }),
         Cursor::default(),
         opts(4, 1, 0, 2),
     )
@@ -362,24 +374,10 @@ fn the_training_thread_waits_only_when_the_pool_is_slower() {
 
 #[test]
 fn a_panicking_read_fails_its_batch_instead_of_hanging() {
-    struct Panics(Arc<dyn SampleSource>);
-    impl SampleSource for Panics {
-        fn len(&self) -> usize {
-            self.0.len()
-        }
-        fn shape(&self) -> [usize; 3] {
-            self.0.shape()
-        }
-        fn read(&self, index: usize, out: &mut [u8]) -> Result<(), DataError> {
-            assert!(index != 3, "decoder bug on sample 3");
-            self.0.read(index, out)
-        }
-        fn describe(&self) -> String {
-            "panics".into()
-        }
-    }
     let mut l = Loader::start(
-        Arc::new(Panics(memory(8))),
+        hooked(memory(8), |index| {
+            assert!(index != 3, "decoder bug on sample 3")
+        }),
         Cursor::default(),
         opts(8, 1, 0, 2),
     )
