@@ -20,7 +20,7 @@ pub use layout::{
     parse_step_dir, step_dir, validate_name, LATEST, MANIFEST, REJECTED, WRITER_LOCK,
 };
 pub use manifest::{sha256_hex, BlobEntry, Manifest, MANIFEST_FORMAT};
-pub use open::{open_url, open_url_with, StoreOptions};
+pub use open::{open_url, open_url_with, resolve_root_url, StoreOptions};
 pub use retention::RetentionReport;
 pub use store::{CheckpointStore, UploadPolicy};
 pub use uploader::{BlobSource, CheckpointJob, UploadStats, Uploader};

@@ -17,6 +17,27 @@ use std::sync::Arc;
 /// `aws_allow_http`, `google_service_account`, `azure_storage_account_name`, ...).
 pub type StoreOptions = BTreeMap<String, String>;
 
+/// The checkpoint root of a run: `url` (`checkpoint.url`) when set, else the directory
+/// `<out_dir>/checkpoints` on the local disk (created) as an absolute `file://` URL, so every
+/// process of the run resolves the same root whatever its working directory later.
+pub fn resolve_root_url(url: &str, out_dir: &std::path::Path) -> Result<String> {
+    if !url.is_empty() {
+        return Ok(url.to_string());
+    }
+    let dir = out_dir.join("checkpoints");
+    let bad = |reason: String| CheckpointError::Url {
+        url: dir.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| bad(format!("creating the directory: {e}")))?;
+    let abs = dir
+        .canonicalize()
+        .map_err(|e| bad(format!("resolving the directory: {e}")))?;
+    let parsed = url::Url::from_directory_path(&abs)
+        .map_err(|()| bad("not an absolute directory path".into()))?;
+    Ok(parsed.as_str().trim_end_matches('/').to_string())
+}
+
 /// Opens `url` with no extra options; see [`open_url_with`].
 pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
     open_url_with(url, &StoreOptions::new())

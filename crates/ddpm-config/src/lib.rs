@@ -10,6 +10,17 @@ mod validate;
 
 pub use types::*;
 
+/// The rows of a global batch of `global` examples that rank `rank` of `world` trains on:
+/// `global * rank / world .. global * (rank + 1) / world`. The ranks' rows partition the
+/// batch, and their sizes differ by at most one when `world` does not divide `global`.
+pub fn rank_rows(global: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    assert!(
+        world > 0 && rank < world,
+        "rank {rank} of world size {world}"
+    );
+    global * rank / world..global * (rank + 1) / world
+}
+
 use std::path::Path;
 
 /// Errors produced while reading or validating a configuration.

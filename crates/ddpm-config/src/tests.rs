@@ -49,6 +49,17 @@ fn invalid_values_name_their_key() {
         ("[run]\nname = \"../x\"\n", "run.name"),
         ("[checkpoint]\nkeep_last = 1\n", "checkpoint.keep_last"),
         ("[checkpoint]\nurl = \"runs/x\"\n", "checkpoint.url"),
+        ("[distributed]\nworld_size = 0\n", "distributed.world_size"),
+        (
+            "[train]\nbatch_size = 2\n[distributed]\nworld_size = 3\n",
+            "distributed.world_size",
+        ),
+        (
+            "[distributed]\nlisten = \"localhost\"\n",
+            "distributed.listen",
+        ),
+        ("[distributed]\nbucket_mb = 0\n", "distributed.bucket_mb"),
+        ("[distributed]\nlease_secs = 0\n", "distributed.lease_secs"),
     ];
     for (text, key) in cases {
         match Config::parse(text, "c.toml") {
@@ -109,4 +120,24 @@ fn credentials_in_store_options_are_redacted_when_written_out() {
             "{text}"
         );
     }
+}
+
+#[test]
+fn rank_rows_partition_a_global_batch_into_near_equal_shares() {
+    for global in 1..20 {
+        for world in 1..=global {
+            let shares: Vec<_> = (0..world)
+                .map(|r| crate::rank_rows(global, world, r))
+                .collect();
+            assert_eq!(shares[0].start, 0);
+            assert_eq!(shares[world - 1].end, global);
+            for w in shares.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            let lens: Vec<usize> = shares.iter().map(|s| s.len()).collect();
+            let (lo, hi) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+            assert!(hi - lo <= 1 && *lo >= 1, "{global} over {world}: {lens:?}");
+        }
+    }
+    assert_eq!(crate::rank_rows(8, 3, 1), 2..5);
 }

@@ -20,6 +20,50 @@ pub struct Config {
     pub sample: SampleConfig,
     /// Checkpoints of the full training state.
     pub checkpoint: CheckpointConfig,
+    /// Data-parallel training: the coordinator, its workers and their collective.
+    pub distributed: DistributedConfig,
+}
+
+/// The collective that all-reduces the workers' gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveBackend {
+    /// A pipelined ring over TCP between the workers' processes (CPU tensors).
+    Tcp,
+    /// NCCL on the workers' GPUs.
+    Nccl,
+}
+
+/// `[distributed]`: how `coordinator` and `worker --rank N` train one model together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Workers that train together (`ddpm launch --workers N` overrides it). Each takes a
+    /// share of every global batch of `train.batch_size`.
+    pub world_size: i64,
+    /// The gradient collective: `tcp` or `nccl`.
+    pub backend: CollectiveBackend,
+    /// Where the coordinator serves gRPC (`coordinator --listen` overrides it).
+    pub listen: String,
+    /// Gradients are all-reduced in buckets of about this many MiB.
+    pub bucket_mb: i64,
+    /// A collective that makes no progress for this long fails, naming the peer.
+    pub collective_timeout_secs: i64,
+    /// A worker that does not heartbeat for this long loses its rank.
+    pub lease_secs: i64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            world_size: 1,
+            backend: CollectiveBackend::Tcp,
+            listen: "0.0.0.0:50051".into(),
+            bucket_mb: 25,
+            collective_timeout_secs: 300,
+            lease_secs: 30,
+        }
+    }
 }
 
 /// `[checkpoint]`: where and how often the full training state is committed.

@@ -194,6 +194,34 @@ impl Config {
             );
         }
 
+        let dist = &self.distributed;
+        at_least("distributed.world_size", dist.world_size, 1)?;
+        if dist.world_size > t.batch_size {
+            return fail(
+                "distributed.world_size",
+                format!(
+                    "expected at most train.batch_size ({}) workers, got {}: every worker needs a sample of each global batch",
+                    t.batch_size, dist.world_size
+                ),
+            );
+        }
+        if dist.listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(
+                "distributed.listen",
+                format!(
+                    "expected IP:PORT, e.g. 0.0.0.0:50051, got {:?}",
+                    dist.listen
+                ),
+            );
+        }
+        at_least("distributed.bucket_mb", dist.bucket_mb, 1)?;
+        at_least(
+            "distributed.collective_timeout_secs",
+            dist.collective_timeout_secs,
+            1,
+        )?;
+        at_least("distributed.lease_secs", dist.lease_secs, 1)?;
+
         let s = &self.sample;
         if s.steps < 1 || s.steps > f.num_timesteps {
             return fail(

@@ -189,9 +189,10 @@ impl Cursor {
             .collect()
     }
 
-    /// One data-parallel step: takes the next global batch of `world * per_rank` samples
-    /// (continuing into the next epoch when needed) and returns the `rank`-th slice of
-    /// `per_rank`. Every rank keeps an identical cursor and calls this with its own `rank`,
+    /// One data-parallel step: takes the next global batch of `global` samples (continuing
+    /// into the next epoch when needed) and returns rank `rank`'s rows of it,
+    /// [`ddpm_config::rank_rows`] (shares differ by at most one when `world` does not divide
+    /// `global`). Every rank keeps an identical cursor and calls this with its own `rank`,
     /// so the ranks' slices partition the global stream: within an epoch no sample is lost
     /// or seen twice, for any world size. The cursor (epoch, position) counts global samples,
     /// so a run saved at one world size resumes at another with the rest of the epoch dealt
@@ -199,29 +200,26 @@ impl Cursor {
     pub fn next_rank_draws(
         &mut self,
         order: &Order,
-        per_rank: usize,
+        global: usize,
         world: usize,
         rank: usize,
         seed: u64,
     ) -> Vec<Draw> {
-        assert!(
-            world > 0 && rank < world,
-            "rank {rank} of world size {world}"
-        );
-        let global = self.next_draws(order, per_rank * world, seed);
-        global[rank * per_rank..(rank + 1) * per_rank].to_vec()
+        let rows = ddpm_config::rank_rows(global, world, rank);
+        let draws = self.next_draws(order, global, seed);
+        draws[rows].to_vec()
     }
 
     /// [`Cursor::next_rank_draws`] over a uniformly shuffled dataset of `n`, as indices.
     pub fn next_rank_batch(
         &mut self,
         n: usize,
-        per_rank: usize,
+        global: usize,
         world: usize,
         rank: usize,
         seed: u64,
     ) -> Vec<u32> {
-        self.next_rank_draws(&Order::Uniform(n), per_rank, world, rank, seed)
+        self.next_rank_draws(&Order::Uniform(n), global, world, rank, seed)
             .into_iter()
             .map(|d| d.index)
             .collect()
@@ -244,19 +242,20 @@ mod tests {
     fn ranks_partition_every_epoch_for_any_world_size() {
         for n in [1usize, 10, 37] {
             for world in 1..=5 {
-                for per_rank in [1usize, 3, 7] {
-                    let steps = 3 * n / (world * per_rank) + 2; // several epochs
+                // Even and uneven splits of the global batch.
+                for global in [world, 3 * world + 1, 8 * world - 1] {
+                    let steps = 3 * n / global + 2; // several epochs
                     let mut cursors = vec![Cursor::default(); world];
                     let mut seen = Vec::new();
                     for _ in 0..steps {
                         for (rank, c) in cursors.iter_mut().enumerate() {
-                            seen.extend(c.next_rank_batch(n, per_rank, world, rank, 9));
+                            seen.extend(c.next_rank_batch(n, global, world, rank, 9));
                         }
                     }
                     assert_eq!(
                         seen,
                         stream(n, 9, seen.len()),
-                        "n {n} world {world} batch {per_rank}"
+                        "n {n} world {world} batch {global}"
                     );
                     // So each complete epoch holds every sample exactly once.
                     for epoch in seen.chunks_exact(n) {
@@ -277,7 +276,7 @@ mod tests {
             let mut cursors = vec![Cursor::default(); w1];
             for _ in 0..5 {
                 for (rank, c) in cursors.iter_mut().enumerate() {
-                    seen.extend(c.next_rank_batch(n, 3, w1, rank, seed));
+                    seen.extend(c.next_rank_batch(n, 12, w1, rank, seed));
                 }
             }
             // Checkpointed as (epoch, position); every rank had the same cursor.
@@ -286,7 +285,7 @@ mod tests {
             let mut resumed = vec![Cursor::at(saved.0, saved.1); w2];
             for _ in 0..6 {
                 for (rank, c) in resumed.iter_mut().enumerate() {
-                    seen.extend(c.next_rank_batch(n, 3, w2, rank, seed));
+                    seen.extend(c.next_rank_batch(n, 12, w2, rank, seed));
                 }
             }
             assert_eq!(seen, stream(n, seed, seen.len()), "{w1} -> {w2} ranks");

@@ -20,9 +20,10 @@ use tch::{Device, Kind, Tensor};
 /// What the loader deals and how.
 #[derive(Debug, Clone)]
 pub struct LoaderOptions {
-    /// Samples per batch on this rank.
-    pub per_rank: usize,
-    /// Ranks taking part (each gets a slice of every global batch).
+    /// Samples per step over all ranks (`train.batch_size`).
+    pub global_batch: usize,
+    /// Ranks taking part (each gets its rows of every global batch,
+    /// [`ddpm_config::rank_rows`]).
     pub world: usize,
     /// This rank.
     pub rank: usize,
@@ -41,17 +42,18 @@ pub struct LoaderOptions {
 }
 
 impl LoaderOptions {
-    /// The options of `[data]` for `per_rank` samples per step on `rank` of `world`.
+    /// The options of `[data]` for rank `rank` of `world`, training on global batches of
+    /// `global_batch` samples.
     pub fn from_config(
         data: &DataConfig,
         seed: u64,
-        per_rank: usize,
+        global_batch: usize,
         world: usize,
         rank: usize,
     ) -> Self {
         let threads = crate::encoded::workers(data);
         Self {
-            per_rank,
+            global_batch,
             world,
             rank,
             seed,
@@ -125,10 +127,14 @@ impl Loader {
         start: Cursor,
         opts: LoaderOptions,
     ) -> Result<Self> {
-        if opts.per_rank == 0 || opts.world == 0 || opts.rank >= opts.world || opts.threads == 0 {
+        if opts.world == 0
+            || opts.global_batch < opts.world
+            || opts.rank >= opts.world
+            || opts.threads == 0
+        {
             return Err(DataError::Internal(format!(
-                "loader: batch {} on rank {} of {} with {} threads",
-                opts.per_rank, opts.rank, opts.world, opts.threads
+                "loader: global batch {} on rank {} of {} with {} threads",
+                opts.global_batch, opts.rank, opts.world, opts.threads
             )));
         }
         if source.is_empty() {
@@ -282,24 +288,24 @@ fn plan(
     credits: Receiver<()>,
     jobs: Sender<Job>,
 ) {
-    let (b, w, r, seed) = (opts.per_rank, opts.world, opts.rank, opts.seed);
+    let (g, w, r, seed) = (opts.global_batch, opts.world, opts.rank, opts.seed);
     let mut cursor = start.clone();
     // The scout runs `lookahead` samples ahead and announces what will be read.
     let mut scout = start;
     // Whole global batches, so the scout's rank slices line up with the real ones.
-    let ahead = source.lookahead().div_ceil(b * w) * b * w;
+    let ahead = source.lookahead().div_ceil(g) * g;
     if ahead > 0 {
         let skip = scout.next_draws(&order, ahead, seed);
-        source.will_need(&rank_slice(&skip, b, w, r, 0));
+        source.will_need(&rank_slice(&skip, g, w, r));
     }
     for seq in 0.. {
         if credits.recv().is_err() {
             return;
         }
-        let draws = cursor.next_rank_draws(&order, b, w, r, seed);
+        let draws = cursor.next_rank_draws(&order, g, w, r, seed);
         source.will_need(&draws.iter().map(|d| d.index).collect::<Vec<_>>());
         if ahead > 0 {
-            let far = scout.next_rank_draws(&order, b, w, r, seed);
+            let far = scout.next_rank_draws(&order, g, w, r, seed);
             source.will_need(&far.iter().map(|d| d.index).collect::<Vec<_>>());
         }
         let job = Job {
@@ -313,14 +319,13 @@ fn plan(
     }
 }
 
-/// The indices of `draws` (a run of global samples starting `offset` into a global batch)
-/// that rank `r` of `w` with batch `b` reads.
-fn rank_slice(draws: &[Draw], b: usize, w: usize, r: usize, offset: usize) -> Vec<u32> {
+/// The indices of `draws` (whole global batches of `g`) that rank `r` of `w` reads.
+fn rank_slice(draws: &[Draw], g: usize, w: usize, r: usize) -> Vec<u32> {
+    let rows = ddpm_config::rank_rows(g, w, r);
     draws
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| ((k + offset) % (b * w)) / b == r)
-        .map(|(_, d)| d.index)
+        .chunks(g)
+        .flat_map(|batch| batch.get(rows.clone()).unwrap_or_default())
+        .map(|d| d.index)
         .collect()
 }
 

@@ -51,9 +51,9 @@ fn hooked(
     Arc::new(Hooked(inner, hook))
 }
 
-fn opts(per_rank: usize, world: usize, rank: usize, threads: usize) -> LoaderOptions {
+fn opts(global_batch: usize, world: usize, rank: usize, threads: usize) -> LoaderOptions {
     LoaderOptions {
-        per_rank,
+        global_batch,
         world,
         rank,
         seed: 11,
@@ -104,14 +104,19 @@ fn every_rank_gets_its_slice_of_the_epoch_order_with_keyed_flips() {
             let mut loader = Loader::start(
                 src.clone(),
                 Cursor::default(),
-                opts(per_rank, world, rank, 2),
+                opts(per_rank * world, world, rank, 2),
             )
             .unwrap();
             let mut reference = Cursor::default();
             for _ in 0..steps {
                 let b = loader.next_batch().unwrap();
-                let draws =
-                    reference.next_rank_draws(&Order::Uniform(n), per_rank, world, rank, 11);
+                let draws = reference.next_rank_draws(
+                    &Order::Uniform(n),
+                    per_rank * world,
+                    world,
+                    rank,
+                    11,
+                );
                 assert_eq!(b.indices, draws.iter().map(|d| d.index).collect::<Vec<_>>());
                 assert_eq!(b.images.size(), [3, 3, 2, 4]);
                 assert_eq!(values(&b.images), expected(&*src, &draws, 11));
