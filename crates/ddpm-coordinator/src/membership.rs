@@ -1,9 +1,10 @@
 //! Who is in the run: registration with rank assignment, leases kept by heartbeats, and the
-//! generation of the ring. Pure state (time is passed in), so every rule is unit-tested
-//! without a network; the gRPC service holds one `Membership` behind a lock.
+//! generation of the ring, and what each rank last reported. Pure state (time is passed in),
+//! so every rule is unit-tested without a network; the gRPC service holds one `Membership`
+//! behind a lock.
 
 use crate::CoordinatorError;
-use ddpm_proto::{Rendezvous, PROTOCOL_VERSION};
+use ddpm_proto::{Rendezvous, NCCL_UNIQUE_ID_BYTES, PROTOCOL_VERSION};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,26 @@ pub struct JoinRequest {
     pub device: String,
     /// Its TCP ring listen address.
     pub ring_address: String,
+    /// The `ncclUniqueId` it created (NCCL backend; empty otherwise). Rank 0's is handed to
+    /// every rank of the generation.
+    pub nccl_unique_id: Vec<u8>,
+}
+
+/// What a rank reported after a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// The generation the report was made in.
+    pub generation: u64,
+    /// Completed updates.
+    pub step: u64,
+    /// Training loss of the last step.
+    pub loss: f64,
+    /// Training throughput of this rank.
+    pub images_per_second: f64,
+    /// Data cursor after the step: epoch.
+    pub epoch: u64,
+    /// Data cursor after the step: position in the epoch.
+    pub position: u64,
 }
 
 /// One member holding a rank.
@@ -42,10 +63,10 @@ pub struct Member {
     pub join: JoinRequest,
     /// Its rank.
     pub rank: u32,
-    /// Last registration or heartbeat.
+    /// Last registration, heartbeat or progress report.
     pub last_seen: Instant,
-    /// Last step it reported.
-    pub step: u64,
+    /// Its last progress report, if any.
+    pub progress: Option<Progress>,
 }
 
 /// What a successful registration gives.
@@ -64,6 +85,7 @@ pub struct Admission {
 pub struct Membership {
     world_size: u32,
     lease: Duration,
+    nccl: bool,
     generation: u64,
     phase: Phase,
     members: BTreeMap<u32, Member>,
@@ -75,16 +97,26 @@ impl Membership {
         Self {
             world_size,
             lease,
+            nccl: false,
             generation: 1,
             phase: Phase::Waiting,
             members: BTreeMap::new(),
         }
     }
 
+    /// The same run on the NCCL backend: rank 0 must register with its 128-byte
+    /// `ncclUniqueId`, which every rank of the generation is handed
+    /// ([`Membership::nccl_rendezvous`]).
+    pub fn with_nccl(mut self) -> Self {
+        self.nccl = true;
+        self
+    }
+
     /// Admits a worker. Refused, changing nothing: another protocol version, a finished
     /// run, a rank out of range, a rank held by another live member (the error names the
-    /// holder), or a full run. A process that registers again (same `member_id`) gets its
-    /// rank back.
+    /// holder), a full run, or (NCCL backend) rank 0 without a 128-byte `ncclUniqueId`. A
+    /// process that registers again (same `member_id`) gets its rank back, and keeps its
+    /// last progress report.
     pub fn register(
         &mut self,
         join: JoinRequest,
@@ -143,13 +175,27 @@ impl Membership {
                     ))
                 })?,
         };
+        if self.nccl && rank == 0 && join.nccl_unique_id.len() != NCCL_UNIQUE_ID_BYTES {
+            return Err(CoordinatorError::Refused(format!(
+                "backend nccl: rank 0 ({} on {}) must register with its ncclUniqueId of \
+                 {NCCL_UNIQUE_ID_BYTES} bytes, got {} bytes",
+                join.member_id,
+                join.host,
+                join.nccl_unique_id.len()
+            )));
+        }
+        let progress = self
+            .members
+            .get(&rank)
+            .filter(|m| m.join.member_id == join.member_id)
+            .and_then(|m| m.progress.clone());
         self.members.insert(
             rank,
             Member {
                 join,
                 rank,
                 last_seen: now,
-                step: 0,
+                progress,
             },
         );
         if self.members.len() as u32 == self.world_size {
@@ -193,9 +239,54 @@ impl Membership {
         }
     }
 
+    /// The member holding `rank` in `generation`, which must be the current one; the error
+    /// says what is stale. For requests that carry no member id (work, progress,
+    /// checkpoints).
+    pub fn holder(&self, rank: u32, generation: u64) -> Result<&Member, CoordinatorError> {
+        if generation != self.generation {
+            return Err(CoordinatorError::Stale(format!(
+                "rank {rank} is in generation {generation}, the ring is in generation {}; register again",
+                self.generation
+            )));
+        }
+        self.members.get(&rank).ok_or_else(|| {
+            CoordinatorError::Stale(format!(
+                "rank {rank} of generation {generation} is not held (its lease ran out?); register again"
+            ))
+        })
+    }
+
+    /// Records the progress report of `rank` (renewing its lease); refused like
+    /// [`Membership::holder`] for a stale generation or a rank nobody holds.
+    pub fn report(
+        &mut self,
+        rank: u32,
+        progress: Progress,
+        now: Instant,
+    ) -> Result<Phase, CoordinatorError> {
+        self.expire(now);
+        self.holder(rank, progress.generation)?;
+        let m = self.members.get_mut(&rank).expect("holder checked");
+        m.last_seen = now;
+        m.progress = Some(progress);
+        Ok(self.phase)
+    }
+
+    /// Whether every rank of the current generation is present and has reported at least
+    /// `total_steps` completed updates in this generation.
+    pub fn all_reached(&self, total_steps: u64) -> bool {
+        self.members.len() as u32 == self.world_size
+            && self.members.values().all(|m| {
+                m.progress
+                    .as_ref()
+                    .is_some_and(|p| p.generation == self.generation && p.step >= total_steps)
+            })
+    }
+
     /// Drops members whose lease ran out. If a running ring loses a member, the generation
-    /// moves on and the run waits for the rank to be filled again. Returns the dropped ranks.
-    pub fn expire(&mut self, now: Instant) -> Vec<u32> {
+    /// moves on and the run waits for the rank to be filled again. Returns the dropped
+    /// members.
+    pub fn expire(&mut self, now: Instant) -> Vec<Member> {
         let lease = self.lease;
         let dead: Vec<u32> = self
             .members
@@ -203,14 +294,12 @@ impl Membership {
             .filter(|m| now.duration_since(m.last_seen) > lease)
             .map(|m| m.rank)
             .collect();
-        for r in &dead {
-            self.members.remove(r);
-        }
-        if !dead.is_empty() && self.phase == Phase::Running {
+        let dropped: Vec<Member> = dead.iter().filter_map(|r| self.members.remove(r)).collect();
+        if !dropped.is_empty() && self.phase == Phase::Running {
             self.generation += 1;
             self.phase = Phase::Waiting;
         }
-        dead
+        dropped
     }
 
     /// The TCP ring of the current generation, once every rank is present.
@@ -221,6 +310,29 @@ impl Membership {
                 .values()
                 .map(|m| m.join.ring_address.clone())
                 .collect(),
+        })
+    }
+
+    /// The NCCL rendezvous of the current generation (rank 0's `ncclUniqueId`), once every
+    /// rank is present. An error when rank 0's id is not 128 bytes (it cannot be: such a
+    /// registration is refused on the NCCL backend).
+    pub fn nccl_rendezvous(&self) -> Option<Result<Rendezvous, CoordinatorError>> {
+        if self.phase != Phase::Running {
+            return None;
+        }
+        let zero = self.members.get(&0)?;
+        let id = &zero.join.nccl_unique_id;
+        Some(if id.len() == NCCL_UNIQUE_ID_BYTES {
+            Ok(Rendezvous::Nccl {
+                unique_id: id.clone(),
+            })
+        } else {
+            Err(CoordinatorError::Refused(format!(
+                "backend nccl: rank 0 ({} on {}) registered an ncclUniqueId of {} bytes, expected {NCCL_UNIQUE_ID_BYTES}",
+                zero.join.member_id,
+                zero.join.host,
+                id.len()
+            )))
         })
     }
 
@@ -237,6 +349,16 @@ impl Membership {
     /// The current ring generation.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Ranks in the run.
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    /// How long a member may go without a heartbeat.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// The members, by rank.
@@ -257,6 +379,7 @@ mod tests {
             host: format!("host-{id}"),
             device: "cpu".into(),
             ring_address: format!("{id}:7000"),
+            nccl_unique_id: Vec::new(),
         }
     }
 
@@ -335,5 +458,69 @@ mod tests {
         // A heartbeat from the old holder of rank 1 is refused, naming the new one.
         let err = m.heartbeat(1, 2, "b", t2).unwrap_err().to_string();
         assert!(err.contains("held by c"), "{err}");
+    }
+
+    fn progress(generation: u64, step: u64) -> Progress {
+        Progress {
+            generation,
+            step,
+            loss: 0.1,
+            images_per_second: 1.0,
+            epoch: 0,
+            position: step,
+        }
+    }
+
+    #[test]
+    fn reports_are_kept_per_rank_and_the_run_ends_when_every_rank_reached_the_end() {
+        let t = Instant::now();
+        let mut m = Membership::new(2, Duration::from_secs(10));
+        m.register(join("a", None), t).unwrap();
+        let err = m.report(1, progress(1, 1), t).unwrap_err().to_string();
+        assert!(err.contains("rank 1 of generation 1 is not held"), "{err}");
+        m.register(join("b", None), t).unwrap();
+        m.report(0, progress(1, 5), t).unwrap();
+        assert!(!m.all_reached(5));
+        // Registering again keeps the report.
+        m.register(join("a", None), t).unwrap();
+        assert_eq!(m.holder(0, 1).unwrap().progress, Some(progress(1, 5)));
+        let err = m.report(1, progress(3, 5), t).unwrap_err().to_string();
+        assert!(err.contains("generation 3"), "{err}");
+        m.report(1, progress(1, 5), t).unwrap();
+        assert!(m.all_reached(5) && !m.all_reached(6));
+    }
+
+    #[test]
+    fn expiry_returns_the_dropped_members() {
+        let t = Instant::now();
+        let mut m = Membership::new(2, Duration::from_secs(10));
+        m.register(join("a", None), t).unwrap();
+        m.register(join("b", None), t).unwrap();
+        m.heartbeat(0, 1, "a", t + Duration::from_secs(8)).unwrap();
+        assert!(m.expire(t + Duration::from_secs(9)).is_empty());
+        let gone = m.expire(t + Duration::from_secs(12));
+        let ids: Vec<&str> = gone.iter().map(|g| g.join.member_id.as_str()).collect();
+        assert_eq!(ids, ["b"]);
+        assert_eq!((m.generation(), m.phase()), (2, Phase::Waiting));
+    }
+
+    #[test]
+    fn nccl_needs_rank_0s_unique_id() {
+        let t = Instant::now();
+        let mut m = Membership::new(2, Duration::from_secs(10)).with_nccl();
+        let err = m.register(join("a", None), t).unwrap_err().to_string();
+        assert!(err.contains("rank 0") && err.contains("128 bytes"), "{err}");
+        assert_eq!(m.members().count(), 0);
+        // Other ranks need none.
+        m.register(join("b", Some(1)), t).unwrap();
+        let mut a = join("a", None);
+        a.nccl_unique_id = vec![7; NCCL_UNIQUE_ID_BYTES];
+        assert_eq!(m.register(a, t).unwrap().rank, 0);
+        assert_eq!(
+            m.nccl_rendezvous().unwrap().unwrap(),
+            Rendezvous::Nccl {
+                unique_id: vec![7; NCCL_UNIQUE_ID_BYTES]
+            }
+        );
     }
 }

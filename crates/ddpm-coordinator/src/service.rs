@@ -1,0 +1,603 @@
+//! The gRPC `Coordinator` service (ddpm-proto) over the run's [`Membership`] and [`Plan`].
+//!
+//! Every refusal is FAILED_PRECONDITION with a message naming what is wrong; the membership
+//! lock is a `std` mutex that is never held across an `.await`. Metrics go through the
+//! `metrics` facade (gauges named `ddpm_*`), logs through `tracing` with one span per RPC.
+
+use crate::membership::{JoinRequest, Member, Membership, Phase, Progress};
+use crate::plan::Plan;
+use crate::CoordinatorError;
+use ddpm_checkpoint::CheckpointStore;
+use ddpm_config::{rank_rows, CollectiveBackend, Config};
+use ddpm_proto::v1::{self, coordinator_server::Coordinator};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+
+/// How often [`CoordinatorService::expire_loop`] looks for lapsed leases.
+pub const EXPIRE_EVERY: Duration = Duration::from_millis(250);
+
+/// The coordinator of one run; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    run_name: String,
+    config_toml: String,
+    store_url: String,
+    backend: CollectiveBackend,
+    batch_size: usize,
+    total_steps: u64,
+    lease_millis: u64,
+    store: CheckpointStore,
+    started: Instant,
+    state: Mutex<State>,
+    /// The plan of a generation (read again from the store when the ring re-forms). Held
+    /// across the store read so every rank of a generation gets the same plan.
+    plan: tokio::sync::Mutex<(u64, Plan)>,
+    finished: tokio::sync::watch::Sender<bool>,
+}
+
+struct State {
+    membership: Membership,
+    last_checkpoint_step: u64,
+    /// Where the plan of the current generation starts (for ranks that did not report yet).
+    base_step: u64,
+    /// The run's step when last computed (kept while no member is present).
+    step: u64,
+}
+
+impl State {
+    /// The run's step: the least step of the current members (their report in this
+    /// generation, else where the generation started).
+    fn run_step(&self) -> u64 {
+        let generation = self.membership.generation();
+        self.membership
+            .members()
+            .map(|m| match &m.progress {
+                Some(p) if p.generation == generation => p.step,
+                _ => self.base_step,
+            })
+            .min()
+            .unwrap_or(self.step)
+    }
+}
+
+fn run_state(phase: Phase) -> v1::RunState {
+    match phase {
+        Phase::Waiting => v1::RunState::Waiting,
+        Phase::Running => v1::RunState::Running,
+        Phase::Finished => v1::RunState::Finished,
+    }
+}
+
+/// The HELP text of every gauge the coordinator sets.
+fn describe_metrics() {
+    for (name, help) in [
+        ("ddpm_workers_alive", "Workers holding a lease."),
+        (
+            "ddpm_generation",
+            "The ring generation (moves on when a running ring loses a member).",
+        ),
+        (
+            "ddpm_train_step",
+            "Completed updates: the least step reported by the current members.",
+        ),
+        (
+            "ddpm_train_loss",
+            "Training loss of the last step reported, per rank.",
+        ),
+        (
+            "ddpm_train_images_per_second",
+            "Training throughput, per rank.",
+        ),
+        (
+            "ddpm_data_wait_fraction",
+            "Share of step time spent waiting for data, per rank.",
+        ),
+        (
+            "ddpm_allreduce_seconds",
+            "Seconds in the gradient all-reduce per step, per rank.",
+        ),
+        (
+            "ddpm_checkpoint_last_step",
+            "Step of the newest committed checkpoint.",
+        ),
+        (
+            "ddpm_run_finished",
+            "1 once every rank reported the last step.",
+        ),
+    ] {
+        metrics::describe_gauge!(name, help);
+    }
+}
+
+fn set_gauge(name: &'static str, value: f64) {
+    metrics::gauge!(name).set(value);
+}
+
+fn set_rank_gauge(name: &'static str, rank: u32, value: f64) {
+    metrics::gauge!(name, "rank" => rank.to_string()).set(value);
+}
+
+impl CoordinatorService {
+    /// The coordinator of the run `config` describes. `config` is the resolved one
+    /// (`checkpoint.url` set to the root of `store`, see [`crate::plan::open_store`]) and is
+    /// handed to every worker; `plan` is where its first generation starts.
+    pub fn new(config: &Config, store: CheckpointStore, plan: Plan) -> Self {
+        let dist = &config.distributed;
+        let world = u32::try_from(dist.world_size).unwrap_or(u32::MAX);
+        let lease = Duration::from_secs(dist.lease_secs.max(1) as u64);
+        let mut membership = Membership::new(world, lease);
+        if dist.backend == CollectiveBackend::Nccl {
+            membership = membership.with_nccl();
+        }
+        let generation = membership.generation();
+        let total_steps = config.train.total_steps.max(0) as u64;
+        describe_metrics();
+        set_gauge("ddpm_workers_alive", 0.0);
+        set_gauge("ddpm_generation", generation as f64);
+        set_gauge("ddpm_train_step", plan.start_step as f64);
+        set_gauge("ddpm_checkpoint_last_step", plan.restore_step as f64);
+        set_gauge("ddpm_run_finished", 0.0);
+        let state = State {
+            membership,
+            last_checkpoint_step: plan.restore_step,
+            base_step: plan.start_step,
+            step: plan.start_step,
+        };
+        Self {
+            shared: Arc::new(Shared {
+                run_name: config.run.name.clone(),
+                config_toml: config.to_toml(),
+                store_url: config.checkpoint.url.clone(),
+                backend: dist.backend,
+                batch_size: config.train.batch_size.max(0) as usize,
+                total_steps,
+                lease_millis: lease.as_millis() as u64,
+                store,
+                started: Instant::now(),
+                state: Mutex::new(state),
+                plan: tokio::sync::Mutex::new((generation, plan)),
+                finished: tokio::sync::watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// Whether every rank reported the last step.
+    pub fn is_finished(&self) -> bool {
+        *self.shared.finished.borrow()
+    }
+
+    /// Becomes `true` once the run is finished.
+    pub fn finished(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.finished.subscribe()
+    }
+
+    /// Drops members whose lease ran out, every [`EXPIRE_EVERY`], logging each and the new
+    /// generation when a running ring lost a member. Runs until dropped.
+    pub async fn expire_loop(self) {
+        let mut tick = tokio::time::interval(EXPIRE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut st = self.lock();
+            self.expire(&mut st, Instant::now());
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent state (every update is one
+        // call into Membership), so a poisoned lock is used as is.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Expires lapsed leases with logs and metrics; every handler calls it first, so every
+    /// dropped member is logged once.
+    fn expire(&self, st: &mut State, now: Instant) {
+        let before = st.membership.generation();
+        let dropped = st.membership.expire(now);
+        if dropped.is_empty() {
+            return;
+        }
+        for m in &dropped {
+            tracing::warn!(
+                rank = m.rank,
+                member_id = %m.join.member_id,
+                host = %m.join.host,
+                device = %m.join.device,
+                lease_secs = st.membership.lease().as_secs_f64(),
+                "worker lost its lease; its rank is free"
+            );
+        }
+        let generation = st.membership.generation();
+        if generation != before {
+            let present = st.membership.members().count();
+            tracing::warn!(
+                generation,
+                present,
+                world_size = st.membership.world_size(),
+                "the ring lost a member: generation {generation} waits for {} rank(s) to be filled, then continues from the newest checkpoint",
+                st.membership.world_size() as usize - present
+            );
+        }
+        self.publish_membership(st);
+    }
+
+    fn publish_membership(&self, st: &State) {
+        set_gauge("ddpm_workers_alive", st.membership.members().count() as f64);
+        set_gauge("ddpm_generation", st.membership.generation() as f64);
+    }
+
+    /// The plan of `generation`: the startup plan for the first, else read again from the
+    /// store (once per generation; every rank of it gets the same).
+    async fn plan_for(&self, generation: u64) -> Result<Plan, CoordinatorError> {
+        let mut cached = self.shared.plan.lock().await;
+        if cached.0 < generation {
+            let plan = Plan::read(&self.shared.store, &self.shared.store_url).await?;
+            tracing::info!(
+                generation,
+                start_step = plan.start_step,
+                restore_step = plan.restore_step,
+                fresh = plan.is_fresh(),
+                "the re-formed ring continues from the newest committed checkpoint"
+            );
+            self.lock().base_step = plan.start_step;
+            *cached = (generation, plan);
+        }
+        Ok(cached.1.clone())
+    }
+
+    /// The one-line summary of a finished run.
+    fn summary(&self, st: &State) -> String {
+        let losses: Vec<String> = st
+            .membership
+            .members()
+            .filter_map(|m| m.progress.as_ref().map(|p| format!("{:.4}", p.loss)))
+            .collect();
+        let ips: f64 = st
+            .membership
+            .members()
+            .filter_map(|m| m.progress.as_ref().map(|p| p.images_per_second))
+            .sum();
+        format!(
+            "run {} finished: step {} of {}, {} worker(s), generation {}, last checkpoint step {}, loss per rank [{}], {:.1} images/s, {:.1} s",
+            self.shared.run_name,
+            st.run_step(),
+            self.shared.total_steps,
+            st.membership.world_size(),
+            st.membership.generation(),
+            st.last_checkpoint_step,
+            losses.join(", "),
+            ips,
+            self.shared.started.elapsed().as_secs_f64()
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    /// Admits a worker (evaluators are refused for now). The response carries the
+    /// rendezvous only once every rank is present; a waiting worker registers again (same
+    /// member id, same rank) until it does.
+    #[tracing::instrument(name = "register", skip_all, fields(
+        member_id = %request.get_ref().member_id,
+        host = %request.get_ref().host,
+        requested_rank = ?request.get_ref().requested_rank,
+        rank = tracing::field::Empty,
+    ))]
+    async fn register(
+        &self,
+        request: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        ddpm_proto::check_version(r.protocol_version)?;
+        match v1::Role::try_from(r.role) {
+            Ok(v1::Role::Worker) => {}
+            Ok(v1::Role::Evaluator) => {
+                return Err(Status::failed_precondition(
+                    "evaluators are not supported by this coordinator yet",
+                ))
+            }
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "RegisterRequest.role {}: expected ROLE_WORKER",
+                    r.role
+                )))
+            }
+        }
+        let join = JoinRequest {
+            protocol_version: r.protocol_version,
+            requested_rank: r.requested_rank,
+            member_id: r.member_id,
+            host: r.host,
+            device: r.device,
+            ring_address: r.ring_address,
+            nccl_unique_id: r.nccl_unique_id,
+        };
+        let now = Instant::now();
+        let mut st = self.lock();
+        self.expire(&mut st, now);
+        let was = st.membership.phase();
+        let again = st
+            .membership
+            .members()
+            .any(|m| m.join.member_id == join.member_id);
+        let (member_id, host, device) = (
+            join.member_id.clone(),
+            join.host.clone(),
+            join.device.clone(),
+        );
+        let admission = st.membership.register(join, now).map_err(|e| {
+            tracing::warn!(error = %e, "registration refused");
+            Status::from(e)
+        })?;
+        tracing::Span::current().record("rank", admission.rank);
+        if !again {
+            tracing::info!(
+                rank = admission.rank,
+                member_id,
+                host,
+                device,
+                generation = admission.generation,
+                "worker registered"
+            );
+        }
+        let rendezvous = match self.shared.backend {
+            CollectiveBackend::Tcp => st.membership.tcp_rendezvous(),
+            CollectiveBackend::Nccl => st.membership.nccl_rendezvous().transpose()?,
+        };
+        if was != Phase::Running && st.membership.phase() == Phase::Running {
+            tracing::info!(
+                generation = admission.generation,
+                world_size = admission.world_size,
+                "every rank is present: the ring of generation {} is formed",
+                admission.generation
+            );
+        }
+        self.publish_membership(&st);
+        Ok(Response::new(v1::RegisterResponse {
+            rank: admission.rank,
+            world_size: admission.world_size,
+            generation: admission.generation,
+            rendezvous: rendezvous.map(Into::into),
+            config_toml: self.shared.config_toml.clone(),
+            lease_millis: self.shared.lease_millis,
+        }))
+    }
+
+    /// Renews the lease of the holder of `rank`; a stale generation or a member that lost
+    /// its rank is refused (register again).
+    #[tracing::instrument(name = "heartbeat", skip_all, fields(
+        rank = request.get_ref().rank,
+        generation = request.get_ref().generation,
+    ))]
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let now = Instant::now();
+        let mut st = self.lock();
+        self.expire(&mut st, now);
+        let phase = st
+            .membership
+            .heartbeat(r.rank, r.generation, &r.member_id, now)
+            .map_err(|e| {
+                tracing::debug!(error = %e, "heartbeat refused");
+                Status::from(e)
+            })?;
+        Ok(Response::new(v1::HeartbeatResponse {
+            state: run_state(phase).into(),
+            lease_millis: self.shared.lease_millis,
+            generation: st.membership.generation(),
+        }))
+    }
+
+    /// The stretch of training of `rank`: from the generation's plan (the same cursor for
+    /// every rank), or, for a rank that already reported in this generation, from its last
+    /// report (nothing to restore). `steps` runs to the end of training; 0 means done.
+    #[tracing::instrument(name = "next_work", skip_all, fields(
+        rank = request.get_ref().rank,
+        generation = request.get_ref().generation,
+        step = tracing::field::Empty,
+    ))]
+    async fn next_work(
+        &self,
+        request: Request<v1::WorkRequest>,
+    ) -> Result<Response<v1::WorkAssignment>, Status> {
+        let r = request.into_inner();
+        let (world, reported) = {
+            let now = Instant::now();
+            let mut st = self.lock();
+            self.expire(&mut st, now);
+            let m = &st.membership;
+            let holder = m.holder(r.rank, r.generation)?;
+            let reported = holder
+                .progress
+                .clone()
+                .filter(|p| p.generation == r.generation);
+            if m.phase() == Phase::Waiting {
+                let present = m.members().count();
+                return Err(CoordinatorError::NotNow(format!(
+                    "waiting for {} of {} workers (generation {}); register again until the response carries the rendezvous",
+                    m.world_size() as usize - present,
+                    m.world_size(),
+                    m.generation()
+                ))
+                .into());
+            }
+            (m.world_size(), reported)
+        };
+        let plan = self.plan_for(r.generation).await?;
+        let per_rank_batch =
+            rank_rows(self.shared.batch_size, world as usize, r.rank as usize).len() as u32;
+        let total = self.shared.total_steps;
+        let work = match reported {
+            Some(p) => v1::WorkAssignment {
+                start_step: p.step,
+                steps: total.saturating_sub(p.step),
+                epoch: p.epoch,
+                position: p.position,
+                data_order: plan.data_order,
+                per_rank_batch,
+                world_size: world,
+                restore_url: String::new(),
+                restore_step: 0,
+            },
+            None => v1::WorkAssignment {
+                start_step: plan.start_step,
+                steps: total.saturating_sub(plan.start_step),
+                epoch: plan.epoch,
+                position: plan.position,
+                data_order: plan.data_order,
+                per_rank_batch,
+                world_size: world,
+                restore_url: plan.restore_url,
+                restore_step: plan.restore_step,
+            },
+        };
+        tracing::Span::current().record("step", work.start_step);
+        tracing::info!(
+            start_step = work.start_step,
+            steps = work.steps,
+            epoch = work.epoch,
+            position = work.position,
+            per_rank_batch,
+            restore_step = work.restore_step,
+            "work assigned"
+        );
+        Ok(Response::new(work))
+    }
+
+    /// Records the progress of `rank` (renewing its lease) and sets its metrics. Once every
+    /// rank of the generation reported the last step, the run is finished.
+    #[tracing::instrument(name = "report_progress", skip_all, fields(
+        rank = request.get_ref().rank,
+        generation = request.get_ref().generation,
+        step = request.get_ref().step,
+    ))]
+    async fn report_progress(
+        &self,
+        request: Request<v1::ProgressReport>,
+    ) -> Result<Response<v1::ProgressAck>, Status> {
+        let r = request.into_inner();
+        let now = Instant::now();
+        let mut st = self.lock();
+        self.expire(&mut st, now);
+        let progress = Progress {
+            generation: r.generation,
+            step: r.step,
+            loss: r.loss,
+            images_per_second: r.images_per_second,
+            epoch: r.epoch,
+            position: r.position,
+        };
+        st.membership.report(r.rank, progress, now).map_err(|e| {
+            tracing::debug!(error = %e, "progress report refused");
+            Status::from(e)
+        })?;
+        set_rank_gauge("ddpm_train_loss", r.rank, r.loss);
+        set_rank_gauge("ddpm_train_images_per_second", r.rank, r.images_per_second);
+        set_rank_gauge("ddpm_data_wait_fraction", r.rank, r.data_wait_fraction);
+        set_rank_gauge("ddpm_allreduce_seconds", r.rank, r.allreduce_seconds);
+        st.step = st.run_step();
+        set_gauge("ddpm_train_step", st.step as f64);
+        tracing::debug!(
+            loss = r.loss,
+            images_per_second = r.images_per_second,
+            "progress"
+        );
+        let mut finished_now = false;
+        if st.membership.phase() == Phase::Running
+            && st.membership.all_reached(self.shared.total_steps)
+        {
+            st.membership.finish();
+            finished_now = true;
+            set_gauge("ddpm_run_finished", 1.0);
+            tracing::info!("{}", self.summary(&st));
+        }
+        let state = run_state(st.membership.phase());
+        drop(st);
+        if finished_now {
+            self.shared.finished.send_replace(true);
+        }
+        Ok(Response::new(v1::ProgressAck {
+            state: state.into(),
+        }))
+    }
+
+    /// Rank 0 committed a checkpoint: recorded (the newest step) and logged.
+    #[tracing::instrument(name = "checkpoint_committed", skip_all, fields(
+        rank = request.get_ref().rank,
+        generation = request.get_ref().generation,
+        step = request.get_ref().step,
+    ))]
+    async fn checkpoint_committed(
+        &self,
+        request: Request<v1::CheckpointNotice>,
+    ) -> Result<Response<v1::CheckpointAck>, Status> {
+        let r = request.into_inner();
+        if r.rank != 0 {
+            return Err(CoordinatorError::NotNow(format!(
+                "checkpoint notices come from rank 0; rank {} sent one for step {}",
+                r.rank, r.step
+            ))
+            .into());
+        }
+        let now = Instant::now();
+        let mut st = self.lock();
+        self.expire(&mut st, now);
+        st.membership.holder(r.rank, r.generation)?;
+        st.last_checkpoint_step = st.last_checkpoint_step.max(r.step);
+        set_gauge("ddpm_checkpoint_last_step", st.last_checkpoint_step as f64);
+        if r.url != self.shared.store_url {
+            tracing::warn!(
+                url = %r.url,
+                expected = %self.shared.store_url,
+                "rank 0 committed a checkpoint to another store than the run's"
+            );
+        }
+        tracing::info!(url = %r.url, "checkpoint committed");
+        Ok(Response::new(v1::CheckpointAck {}))
+    }
+
+    /// The run and every member, for operators.
+    async fn status(
+        &self,
+        _request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        self.expire(&mut st, now);
+        let member = |m: &Member| v1::MemberStatus {
+            rank: m.rank,
+            role: v1::Role::Worker.into(),
+            host: m.join.host.clone(),
+            device: m.join.device.clone(),
+            member_id: m.join.member_id.clone(),
+            millis_since_heartbeat: now.saturating_duration_since(m.last_seen).as_millis() as u64,
+            step: m.progress.as_ref().map_or(0, |p| p.step),
+            images_per_second: m.progress.as_ref().map_or(0.0, |p| p.images_per_second),
+        };
+        Ok(Response::new(v1::StatusResponse {
+            run_name: self.shared.run_name.clone(),
+            state: run_state(st.membership.phase()).into(),
+            world_size: st.membership.world_size(),
+            generation: st.membership.generation(),
+            step: st.run_step(),
+            total_steps: self.shared.total_steps,
+            last_checkpoint_step: st.last_checkpoint_step,
+            members: st.membership.members().map(member).collect(),
+            protocol_version: ddpm_proto::PROTOCOL_VERSION,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;
