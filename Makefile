@@ -74,8 +74,8 @@ fmt:
 
 ## quickstart: train the small quickstart U-Net on Fashion-MNIST on CPU, then sample a grid
 quickstart: libtorch data
-	$(CARGO) build --release --locked -p ddpm-cli
-	./target/release/ddpm train --config configs/quickstart.toml --sample-n 36
+	$(CARGO) build --release --locked -p ddpm-cli -p ddpm-coordinator -p ddpm-worker
+	./target/release/ddpm launch --config configs/quickstart.toml --workers 2 --sample-n 36
 	@echo "samples: runs/quickstart/samples.png   weights: runs/quickstart/ema.safetensors"
 
 ## bench: CPU benchmarks against the PyTorch reference (see bench/README.md)

@@ -18,6 +18,9 @@ struct Cli {
 enum Command {
     /// Train a model in this process (single device) and write weight snapshots.
     Train(commands::train::TrainArgs),
+    /// Run a distributed training on this host: the coordinator and N workers as child
+    /// processes (logs prefixed with role and rank), all stopped when one fails or on Ctrl-C.
+    Launch(commands::launch::LaunchArgs),
     /// Show the U-Net of a config: parameter count and the shape of every block.
     Inspect(commands::inspect::InspectArgs),
     /// Generate images (ancestral sampling, Algorithm 2, or DDIM) and write a PNG grid.
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => commands::train::run(a),
+        Command::Launch(a) => commands::launch::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Sample(a) => commands::sample::run_sample(a),
         Command::Progressive(a) => commands::sample::run_progressive(a),

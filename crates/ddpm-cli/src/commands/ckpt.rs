@@ -208,13 +208,13 @@ fn inspect(t: &Target) -> Result<()> {
     println!("step:   {}", m.step);
     if m.blobs
         .iter()
-        .any(|b| b.name == super::checkpoints::STATE_BLOB)
+        .any(|b| b.name == ddpm_worker::checkpoints::STATE_BLOB)
     {
         // Only state.json is fetched (and verified); a bad blob elsewhere is for `verify`.
-        match l
-            .rt
-            .block_on(l.store.load_blob(step, super::checkpoints::STATE_BLOB))
-        {
+        match l.rt.block_on(
+            l.store
+                .load_blob(step, ddpm_worker::checkpoints::STATE_BLOB),
+        ) {
             Ok(b) => {
                 let s: serde_json::Value = serde_json::from_slice(&b)?;
                 println!(

@@ -1,10 +1,10 @@
 //! One module per subcommand, plus the helpers they share.
 
-pub mod checkpoints;
 pub mod ckpt;
 pub mod convert;
 pub mod dataset;
 pub mod inspect;
+pub mod launch;
 pub mod nll;
 pub mod prepare;
 pub mod sample;

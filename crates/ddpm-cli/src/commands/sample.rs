@@ -138,6 +138,33 @@ fn open(m: &ModelArgs) -> Result<(Config, Device, UNet, GaussianDiffusion)> {
     Ok((cfg, dev, net, d))
 }
 
+/// Writes a grid of `n` ancestral samples (Algorithm 2, all T steps, seeded with `seed`) of
+/// `net` to `png`: the closing picture of `ddpm train --sample-n` and `ddpm launch`.
+pub fn write_ancestral_grid(
+    d: &GaussianDiffusion,
+    net: &UNet,
+    cfg: &Config,
+    n: i64,
+    seed: u64,
+    dev: Device,
+    png: &std::path::Path,
+) -> Result<()> {
+    tch::manual_seed(seed as i64);
+    let plan = SamplingPlan {
+        n,
+        batch_size: cfg.sample.batch_size,
+        sampler: SamplerKind::Ddpm,
+        steps: cfg.diffusion.num_timesteps,
+        eta: 0.0,
+        clip: cfg.sample.clip_denoised,
+        shape: [cfg.data.channels, cfg.data.resolution, cfg.data.resolution],
+    };
+    let x = generate(d, net, &plan, None, dev)?;
+    crate::images::save_grid(&x, grid_cols(n), png)?;
+    tracing::info!(path = %png.display(), "wrote sample grid");
+    Ok(())
+}
+
 /// Columns of a roughly square grid of `n` images.
 pub fn grid_cols(n: i64) -> i64 {
     (n as f64).sqrt().ceil() as i64

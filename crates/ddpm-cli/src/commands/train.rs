@@ -3,13 +3,11 @@
 use super::{device, load_config, progress};
 use anyhow::{Context, Result};
 use clap::Args;
-use ddpm_config::SamplerKind;
 use ddpm_data::epoch::Cursor;
-use ddpm_data::loader::{Loader, LoaderOptions};
-use ddpm_trainer::{save_weights_dir, Trainer};
-use std::io::Write;
+use ddpm_trainer::Trainer;
+use ddpm_worker::checkpoints::Checkpoints;
+use ddpm_worker::train_loop::{self, LogLine, LoopObserver, LoopSetup};
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Arguments of `ddpm train`.
 #[derive(Args, Debug)]
@@ -59,7 +57,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
     let dev = device(&a.device)?;
-    let data = super::dataset::open_training_source(&cfg.data).with_context(|| {
+    let data = ddpm_worker::dataset::open_training_source(&cfg.data).with_context(|| {
         format!(
             "opening data.source {:?} of {}",
             cfg.data.source,
@@ -72,18 +70,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (vs, _) = trainer.model();
     tracing::info!(parameters = ddpm_unet::parameter_count(vs), device = ?dev, steps = cfg.train.total_steps, "training");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let log_path = out.join("train_log.jsonl");
-    // Appended to, so a resumed run keeps the history of the steps before it.
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
 
     let total = cfg.train.total_steps;
-    let batch = cfg.train.batch_size as usize;
     let seed = cfg.run.seed;
-    let checkpoints = super::checkpoints::Checkpoints::open(&cfg, &out)?;
+    let checkpoints = Checkpoints::open(&cfg, &out)?;
     anyhow::ensure!(
         !a.overwrite || a.fresh || a.resume.is_some(),
         "--overwrite only applies together with --fresh or --resume STEP"
@@ -163,108 +153,32 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if start < total {
         checkpoints.prepare(&trainer);
     }
-    let pb = progress(total as u64, "train");
-    pb.set_position(start.min(total) as u64);
-    let mut window_start = Instant::now();
-    // Training-thread seconds spent handing checkpoints over, and the last one handed over.
-    let mut stall = 0.0;
-    let mut submitted: Option<u64> = None;
-    let mut window_images = 0usize;
-    // Started only when there is something to train: it fetches ahead at once.
-    let mut loader = if start < total {
-        Some(Loader::start(
+    let mut bar = Bar(progress(total as u64, "train"));
+    bar.0.set_position(start.min(total) as u64);
+    let outcome = train_loop::train(
+        &mut trainer,
+        LoopSetup {
+            cfg: &cfg,
             data,
-            cursor.clone(),
-            LoaderOptions::from_config(&cfg.data, seed, batch, 1, 0),
-        )?)
-    } else {
-        None
-    };
-    let mut window_wait = std::time::Duration::ZERO;
-    for step in start..total {
-        let loader = loader.as_mut().expect("started: there are steps to run");
-        // A batch whose every sample was skipped as undecodable (data.on_bad_sample =
-        // "skip") is passed over; the cursor moves past it.
-        let b = loop {
-            let b = loader.next_batch()?;
-            cursor = b.cursor.clone();
-            if !b.indices.is_empty() {
-                break b;
-            }
-            tracing::warn!(
-                epoch = cursor.epoch,
-                position = cursor.position,
-                "a batch had no decodable sample; taking the next"
-            );
-        };
-        let stats = trainer.step(&b.images)?;
-        window_images += b.indices.len();
-        pb.inc(1);
-        let done = step + 1;
-        if done % cfg.train.log_every == 0 || done == total {
-            let loss = stats.loss.double_value(&[]);
-            let gnorm = stats.grad_norm.double_value(&[]);
-            let window_secs = window_start.elapsed().as_secs_f64();
-            let ips = window_images as f64 / window_secs;
-            // The share of the window the training thread spent waiting for data.
-            let data_wait = (loader.waited() - window_wait).as_secs_f64() / window_secs;
-            anyhow::ensure!(
-                loss.is_finite(),
-                "step {done}: the loss is {loss}; stopping (lower train.lr?)"
-            );
-            pb.set_message(format!("train loss {loss:.4}"));
-            let line = serde_json::json!({"step": done, "loss": loss, "grad_norm": gnorm, "lr": stats.lr,
-                "images_per_second": ips, "data_wait_fraction": data_wait, "epoch": cursor.epoch});
-            writeln!(log, "{line}")?;
-            pb.suspend(|| {
-                tracing::info!(
-                    step = done,
-                    loss,
-                    grad_norm = gnorm,
-                    lr = stats.lr,
-                    images_per_second = ips,
-                    data_wait_fraction = data_wait,
-                    "progress"
-                )
-            });
-            window_start = Instant::now();
-            window_images = 0;
-            window_wait = loader.waited();
-        }
-        let every = cfg.checkpoint.every_steps;
-        if (every > 0 && done % every == 0) || done == total {
-            // Never checkpoint a diverged state that a resume would then continue from.
-            let loss = stats.loss.double_value(&[]);
-            anyhow::ensure!(
-                loss.is_finite(),
-                "step {done}: the loss is {loss}; not checkpointing this state, stopping (lower train.lr?)"
-            );
-            stall += checkpoints.submit(&trainer, &cursor, &data_order, &cfg);
-            submitted = Some(done as u64);
-        }
-        if cfg.train.snapshot_every > 0 && done % cfg.train.snapshot_every == 0 && done != total {
-            let (m, _) = trainer.model();
-            let (e, _) = trainer.ema_model();
-            save_weights_dir(&out, &cfg, m, e)?;
-        }
-    }
-    pb.finish_and_clear();
-    // Stop the loader's threads and drop its shard cache before sampling and exit.
-    drop(loader);
-    let (m, _) = trainer.model();
-    let (e, _) = trainer.ema_model();
-    save_weights_dir(&out, &cfg, m, e)?;
-    tracing::info!(dir = %out.display(), "wrote ema.safetensors, model.safetensors, config.toml");
+            cursor,
+            data_order,
+            out: out.clone(),
+            checkpoints: Some(&checkpoints),
+            ranks: None,
+        },
+        &mut bar,
+    )?;
+    bar.0.finish_and_clear();
     let url = checkpoints.url().to_string();
     let uploads = checkpoints.finish();
     tracing::info!(
         committed = uploads.committed,
         failed = uploads.failed,
         waits = uploads.waits,
-        stall_seconds = stall,
+        stall_seconds = outcome.checkpoint_stall,
         "checkpoints"
     );
-    if let Some(last) = submitted {
+    if let Some(last) = outcome.submitted {
         anyhow::ensure!(
             uploads.last_committed == Some(last),
             "the final checkpoint (step {last}) was not committed to {url}: {}; the weights in {} are current, the newest checkpoint is older",
@@ -274,25 +188,29 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     if a.sample_n > 0 {
         let (_, net) = trainer.ema_model();
-        let png = out.join("samples.png");
-        tch::manual_seed(seed as i64);
-        let x = super::sample::generate(
+        super::sample::write_ancestral_grid(
             trainer.diffusion(),
             net,
-            &super::sample::SamplingPlan {
-                n: a.sample_n,
-                batch_size: cfg.sample.batch_size,
-                sampler: SamplerKind::Ddpm,
-                steps: cfg.diffusion.num_timesteps,
-                eta: 0.0,
-                clip: cfg.sample.clip_denoised,
-                shape: [cfg.data.channels, cfg.data.resolution, cfg.data.resolution],
-            },
-            None,
+            &cfg,
+            a.sample_n,
+            seed,
             dev,
+            &out.join("samples.png"),
         )?;
-        crate::images::save_grid(&x, super::sample::grid_cols(a.sample_n), &png)?;
-        tracing::info!(path = %png.display(), "wrote sample grid");
     }
     Ok(())
+}
+
+/// The progress bar and the log lines of `ddpm train`.
+struct Bar(indicatif::ProgressBar);
+
+impl LoopObserver for Bar {
+    fn stepped(&mut self, _step: u64) {
+        self.0.inc(1);
+    }
+
+    fn logged(&mut self, l: &LogLine) {
+        self.0.set_message(format!("train loss {:.4}", l.loss));
+        self.0.suspend(|| l.trace());
+    }
 }

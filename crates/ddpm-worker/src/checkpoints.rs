@@ -1,9 +1,11 @@
-//! Committing and resuming the full training state of `ddpm train` through the checkpoint
-//! store. The training thread only copies the state to host memory; serialisation, hashing
+//! Committing and resuming the full training state of a run (`ddpm train`, and rank 0 of a
+//! distributed run) through the checkpoint store. The training thread only copies the state to host memory; serialisation, hashing
 //! and upload run on the checkpoint uploader's thread.
 
-use anyhow::{Context, Result};
-use ddpm_checkpoint::{open_url_with, Blob, CheckpointJob, CheckpointStore, UploadStats, Uploader};
+use crate::error::{Context, Result};
+use ddpm_checkpoint::{
+    open_url_with, resolve_root_url, Blob, CheckpointJob, CheckpointStore, UploadStats, Uploader,
+};
 use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
 use ddpm_trainer::{SnapshotPool, Trainer};
@@ -37,21 +39,17 @@ pub struct Checkpoints {
 
 /// The checkpoint root URL of a config: `checkpoint.url`, or `<out>/checkpoints`.
 pub fn root_url(cfg: &Config, out: &Path) -> Result<String> {
-    if !cfg.checkpoint.url.is_empty() {
-        return Ok(cfg.checkpoint.url.clone());
-    }
-    let dir = out.join("checkpoints");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let abs = dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", dir.display()))?;
-    let url = url::Url::from_directory_path(&abs)
-        .map_err(|()| anyhow::anyhow!("{} is not an absolute directory path", abs.display()))?;
-    Ok(url.as_str().trim_end_matches('/').to_string())
+    resolve_root_url(&cfg.checkpoint.url, out).context("checkpoint.url")
 }
 
 /// The state.json of a checkpoint.
-fn state_json(step: u64, cursor: &Cursor, data_order: &str, cfg: &Config) -> serde_json::Value {
+fn state_json(
+    step: u64,
+    cursor: &Cursor,
+    data_order: &str,
+    cfg: &Config,
+    world_size: usize,
+) -> serde_json::Value {
     serde_json::json!({
         "step": step,
         "epoch": cursor.epoch,
@@ -60,7 +58,7 @@ fn state_json(step: u64, cursor: &Cursor, data_order: &str, cfg: &Config) -> ser
         "seed": cfg.run.seed,
         // Every step reseeds libtorch from (seed, step): the RNG state is a function of them.
         "rng": {"scheme": "per-step reseed from (seed, step); the global batch's t and noise drawn at once", "seed": cfg.run.seed, "step": step},
-        "world_size": 1,
+                "world_size": world_size,
     })
 }
 
@@ -185,7 +183,8 @@ impl Checkpoints {
         );
     }
 
-    /// Hands the trainer's state after `trainer.global_step()` updates to the uploader.
+    /// Hands the trainer's state after `trainer.global_step()` updates (taken by
+    /// `world_size` ranks) to the uploader.
     /// Blocks only to wait for the previous checkpoint (logged and counted) and to copy the
     /// state to host memory. Returns the seconds the training thread spent here.
     pub fn submit(
@@ -194,12 +193,13 @@ impl Checkpoints {
         cursor: &Cursor,
         data_order: &str,
         cfg: &Config,
+        world_size: usize,
     ) -> f64 {
         let started = Instant::now();
         let step = trainer.global_step() as u64;
         self.uploader.wait_for_slot(step);
         let snapshot = trainer.snapshot(&self.pool);
-        let state = state_json(step, cursor, data_order, cfg);
+        let state = state_json(step, cursor, data_order, cfg, world_size);
         self.uploader.submit(CheckpointJob {
             step,
             blobs: Box::new(move || {
@@ -222,6 +222,11 @@ impl Checkpoints {
             "checkpoint handed to the uploader"
         );
         stall
+    }
+
+    /// The newest step the uploader has committed so far.
+    pub fn last_committed(&self) -> Option<u64> {
+        self.uploader.stats().last_committed
     }
 
     /// Waits for the checkpoint in flight and returns the uploader's counters.

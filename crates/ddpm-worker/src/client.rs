@@ -1,0 +1,246 @@
+//! The worker's side of the coordinator protocol: joining the run (and waiting for every
+//! rank), the lease kept by a heartbeat task, and progress reports sent without blocking the
+//! training thread. Every call runs on this module's tokio runtime; the training thread only
+//! reads the shared stop flag and queues reports.
+
+use crate::error::{Context, Result, WorkerError};
+use ddpm_proto::v1::coordinator_client::CoordinatorClient;
+use ddpm_proto::v1::{
+    CheckpointNotice, HeartbeatRequest, ProgressReport, RegisterRequest, RegisterResponse, Role,
+    RunState, WorkAssignment, WorkRequest,
+};
+use ddpm_proto::{Rendezvous, PROTOCOL_VERSION};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Who this worker is, as it registers.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `--rank N`, or any.
+    pub requested_rank: Option<u32>,
+    /// Host name.
+    pub host: String,
+    /// Device, e.g. "cpu", "cuda:1".
+    pub device: String,
+    /// Unique per process.
+    pub member_id: String,
+    /// This worker's ring address (host:port).
+    pub ring_address: String,
+}
+
+/// A worker admitted to a generation whose every rank is present.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// Rank.
+    pub rank: u32,
+    /// World size.
+    pub world_size: u32,
+    /// Ring generation.
+    pub generation: u64,
+    /// The collective's rendezvous.
+    pub rendezvous: Rendezvous,
+    /// The resolved config, TOML.
+    pub config_toml: String,
+    /// Heartbeat at least this often.
+    pub lease: Duration,
+}
+
+/// A connection to the coordinator and the tasks that keep this worker's lease.
+pub struct CoordinatorLink {
+    rt: tokio::runtime::Runtime,
+    client: CoordinatorClient<Channel>,
+    url: String,
+    /// Why training must stop (set by the heartbeat task), if it must.
+    stop: Arc<Mutex<Option<String>>>,
+}
+
+fn rpc(what: &str) -> impl FnOnce(tonic::Status) -> WorkerError + '_ {
+    move |status| WorkerError::Rpc {
+        what: what.to_string(),
+        status: Box::new(status),
+    }
+}
+
+impl CoordinatorLink {
+    /// Connects to `url` (http://host:port), retrying until `patience` has passed: the
+    /// coordinator may still be starting.
+    pub fn connect(url: &str, patience: Duration) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("worker-rpc")
+            .enable_all()
+            .build()
+            .context("starting the RPC runtime")?;
+        let deadline = Instant::now() + patience;
+        let endpoint = Channel::from_shared(url.to_string())
+            .map_err(|e| WorkerError::Invalid(format!("--coordinator {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = loop {
+            match rt.block_on(endpoint.connect()) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(url, error = %e, "coordinator not reachable yet; retrying");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("connecting to the coordinator at {url} (tried for {patience:?})")
+                    })
+                }
+            }
+        };
+        Ok(Self {
+            rt,
+            client: CoordinatorClient::new(channel),
+            url: url.to_string(),
+            stop: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Registers and waits until every rank of the generation is present (heartbeating
+    /// meanwhile), then returns the rank, the rendezvous and the config.
+    pub fn join(&mut self, me: &Identity) -> Result<Joined> {
+        let request = RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Worker as i32,
+            requested_rank: me.requested_rank,
+            host: me.host.clone(),
+            device: me.device.clone(),
+            member_id: me.member_id.clone(),
+            ring_address: me.ring_address.clone(),
+            nccl_unique_id: Vec::new(),
+        };
+        let mut last_note = Instant::now();
+        loop {
+            let r: RegisterResponse = self
+                .rt
+                .block_on(self.client.register(request.clone()))
+                .map_err(rpc("Register"))?
+                .into_inner();
+            if let Some(wire) = r.rendezvous {
+                let rendezvous = Rendezvous::try_from(wire).map_err(|e| {
+                    WorkerError::Invalid(format!("the coordinator's rendezvous: {e}"))
+                })?;
+                return Ok(Joined {
+                    rank: r.rank,
+                    world_size: r.world_size,
+                    generation: r.generation,
+                    rendezvous,
+                    config_toml: r.config_toml,
+                    lease: Duration::from_millis(r.lease_millis.max(300)),
+                });
+            }
+            if last_note.elapsed() > Duration::from_secs(10) {
+                tracing::info!(
+                    rank = r.rank,
+                    world_size = r.world_size,
+                    "waiting for the other workers to register"
+                );
+                last_note = Instant::now();
+            }
+            // Re-registering (same member id, same rank) renews the lease while waiting.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts the heartbeat task: every third of the lease it renews it; a refusal (another
+    /// generation, a lost lease) or a failed run sets the stop reason the training loop reads.
+    pub fn keep_lease(&self, joined: &Joined, member_id: &str) {
+        let mut client = self.client.clone();
+        let stop = self.stop.clone();
+        let request = HeartbeatRequest {
+            rank: joined.rank,
+            generation: joined.generation,
+            member_id: member_id.to_string(),
+        };
+        let every = joined.lease / 3;
+        let lease = joined.lease;
+        self.rt.spawn(async move {
+            let mut last_ok = Instant::now();
+            loop {
+                tokio::time::sleep(every).await;
+                match client.heartbeat(request.clone()).await {
+                    Ok(r) => {
+                        last_ok = Instant::now();
+                        if r.into_inner().state == RunState::Failed as i32 {
+                            *stop.lock().expect("stop flag") =
+                                Some("the coordinator says the run failed".into());
+                        }
+                    }
+                    Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                        *stop.lock().expect("stop flag") = Some(format!(
+                            "the coordinator refused the heartbeat: {}",
+                            s.message()
+                        ));
+                        return;
+                    }
+                    Err(s) => {
+                        tracing::warn!(error = %s.message(), "heartbeat failed; retrying");
+                        if last_ok.elapsed() > lease {
+                            *stop.lock().expect("stop flag") = Some(format!(
+                                "no heartbeat reached the coordinator for {:?} (the lease): {}",
+                                last_ok.elapsed(),
+                                s.message()
+                            ));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Why training must stop, if the coordinator said so.
+    pub fn stop_reason(&self) -> Option<String> {
+        self.stop.lock().expect("stop flag").clone()
+    }
+
+    /// The stretch of training for this rank.
+    pub fn next_work(&mut self, joined: &Joined) -> Result<WorkAssignment> {
+        let req = WorkRequest {
+            rank: joined.rank,
+            generation: joined.generation,
+        };
+        Ok(self
+            .rt
+            .block_on(self.client.next_work(req))
+            .map_err(rpc("NextWork"))?
+            .into_inner())
+    }
+
+    /// Queues a progress report; the training thread does not wait for it.
+    pub fn report(&self, report: ProgressReport) {
+        let mut client = self.client.clone();
+        self.rt.spawn(async move {
+            if let Err(s) = client.report_progress(report).await {
+                tracing::warn!(error = %s.message(), "progress report not delivered");
+            }
+        });
+    }
+
+    /// Sends a progress report and waits for the answer (the final one).
+    pub fn report_and_wait(&mut self, report: ProgressReport) -> Result<RunState> {
+        let ack = self
+            .rt
+            .block_on(self.client.report_progress(report))
+            .map_err(rpc("ReportProgress"))?
+            .into_inner();
+        Ok(RunState::try_from(ack.state).unwrap_or(RunState::Unspecified))
+    }
+
+    /// Rank 0: tells the coordinator a checkpoint was committed (without blocking).
+    pub fn checkpoint_committed(&self, notice: CheckpointNotice) {
+        let mut client = self.client.clone();
+        self.rt.spawn(async move {
+            if let Err(s) = client.checkpoint_committed(notice).await {
+                tracing::warn!(error = %s.message(), "checkpoint notice not delivered");
+            }
+        });
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}

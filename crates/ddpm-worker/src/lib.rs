@@ -1,0 +1,20 @@
+//! A DDPM-RS training worker: `worker --rank N --coordinator URL` joins a run, all-reduces
+//! its gradients with the other ranks and trains its share of every global batch. The
+//! training loop, checkpoint access and dataset opening here are also what `ddpm train`
+//! runs in one process.
+//!
+//! - [`client`]: registration, the lease, progress reports (tokio, off the training thread).
+//! - [`exchange`]: the size-weighted gradient average and the parameter broadcast.
+//! - [`train_loop`]: the loop shared with `ddpm train`.
+//! - [`checkpoints`], [`dataset`]: the run's checkpoints and `data.source`.
+//! - [`run`]: one worker process from registration to its last step.
+
+pub mod checkpoints;
+pub mod client;
+pub mod dataset;
+mod error;
+pub mod exchange;
+pub mod run;
+pub mod train_loop;
+
+pub use error::{chain, Context, Result, WorkerError};

@@ -1,0 +1,316 @@
+//! One worker process from registration to the last step: join the run, form the collective,
+//! restore the assigned checkpoint, broadcast rank 0's parameters, train, report.
+
+use crate::checkpoints::Checkpoints;
+use crate::client::{CoordinatorLink, Identity, Joined};
+use crate::error::{ensure, Context, Result, WorkerError};
+use crate::exchange::{broadcast_from_rank0, GradientExchange};
+use crate::train_loop::{self, LogLine, LoopObserver, LoopSetup, Ranks};
+use ddpm_collective::tcp::{RingOptions, TcpRing};
+use ddpm_collective::Collective;
+use ddpm_config::{CollectiveBackend, Config};
+use ddpm_data::epoch::Cursor;
+use ddpm_proto::v1::{CheckpointNotice, ProgressReport};
+use ddpm_proto::Rendezvous;
+use ddpm_trainer::Trainer;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+use tch::Device;
+
+/// How a worker process was started.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    /// `--rank N`, or any free rank.
+    pub rank: Option<u32>,
+    /// Device to train on.
+    pub device: Device,
+    /// Its name as given (`cpu`, `cuda:1`).
+    pub device_name: String,
+    /// Where the ring listener binds.
+    pub ring_listen: SocketAddr,
+    /// Host the other ranks reach this one at (default: the listener's IP).
+    pub advertise: Option<String>,
+    /// Intra-op CPU threads (overrides `train.threads`).
+    pub threads: Option<i64>,
+    /// Rank 0's output directory (overrides `run.out_dir`).
+    pub out: Option<PathBuf>,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_patience: Duration,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The resolved config the coordinator handed out. Credential-like store options arrive
+/// redacted (the coordinator never sends secrets); they are dropped so this process's own
+/// environment (`AWS_*`, ...) supplies them.
+fn received_config(joined: &Joined, o: &WorkerOptions) -> Result<Config> {
+    let mut cfg = Config::parse(&joined.config_toml, "the config from the coordinator")?;
+    for opts in [&mut cfg.checkpoint.options, &mut cfg.data.options] {
+        opts.retain(|k, v| {
+            let keep = v != "<redacted>";
+            if !keep {
+                tracing::info!(key = %k, "store option redacted by the coordinator; taken from this process's environment");
+            }
+            keep
+        });
+    }
+    if let Some(t) = o.threads {
+        cfg.train.threads = t;
+    }
+    Ok(cfg)
+}
+
+fn form_ring(joined: &Joined, listener: TcpListener, cfg: &Config) -> Result<TcpRing> {
+    let peers = match &joined.rendezvous {
+        Rendezvous::Tcp { peers } => peers,
+        Rendezvous::Nccl { .. } => {
+            return Err(WorkerError::Invalid(
+                "the coordinator handed out an NCCL rendezvous, but this worker was built without the NCCL backend; set distributed.backend = \"tcp\"".into(),
+            ))
+        }
+    };
+    let addrs = peers
+        .iter()
+        .enumerate()
+        .map(|(r, p)| {
+            p.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .with_context(|| format!("rank {r}'s ring address {p:?} does not resolve"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        addrs.len() == joined.world_size as usize,
+        "the rendezvous lists {} ring addresses for world size {}",
+        addrs.len(),
+        joined.world_size
+    );
+    let options = RingOptions {
+        timeout: Duration::from_secs(cfg.distributed.collective_timeout_secs as u64),
+        generation: joined.generation,
+        ..RingOptions::default()
+    };
+    Ok(TcpRing::connect(
+        joined.rank as usize,
+        listener,
+        &addrs,
+        options,
+    )?)
+}
+
+struct Reporter<'a> {
+    link: &'a CoordinatorLink,
+    joined: &'a Joined,
+    checkpoints: Option<&'a Checkpoints>,
+    reported_checkpoint: Option<u64>,
+    url: String,
+    /// The last step: its report is sent after the final checkpoint is committed.
+    total: u64,
+}
+
+impl Reporter<'_> {
+    fn notice_checkpoints(&mut self) {
+        let Some(c) = self.checkpoints else { return };
+        let Some(step) = c.last_committed() else {
+            return;
+        };
+        if Some(step) != self.reported_checkpoint {
+            self.reported_checkpoint = Some(step);
+            self.link.checkpoint_committed(CheckpointNotice {
+                rank: self.joined.rank,
+                generation: self.joined.generation,
+                step,
+                url: self.url.clone(),
+            });
+        }
+    }
+}
+
+fn report_of(joined: &Joined, line: &LogLine) -> ProgressReport {
+    ProgressReport {
+        rank: joined.rank,
+        generation: joined.generation,
+        step: line.step,
+        loss: line.loss,
+        images_per_second: line.images_per_second,
+        epoch: line.cursor.epoch,
+        position: line.cursor.position,
+        data_wait_fraction: line.data_wait_fraction,
+        allreduce_seconds: line.allreduce_seconds,
+    }
+}
+
+impl LoopObserver for Reporter<'_> {
+    fn logged(&mut self, line: &LogLine) {
+        let rank = self.joined.rank.to_string();
+        metrics::gauge!("ddpm_train_loss", "rank" => rank.clone()).set(line.loss);
+        metrics::gauge!("ddpm_train_images_per_second", "rank" => rank.clone())
+            .set(line.images_per_second);
+        metrics::gauge!("ddpm_train_step", "rank" => rank.clone()).set(line.step as f64);
+        metrics::gauge!("ddpm_allreduce_seconds", "rank" => rank).set(line.allreduce_seconds);
+        line.trace();
+        if line.step < self.total {
+            self.link.report(report_of(self.joined, line));
+        }
+        self.notice_checkpoints();
+    }
+
+    fn stop_reason(&mut self) -> Option<String> {
+        self.link.stop_reason()
+    }
+}
+
+/// Runs one worker to the end of its assignment.
+pub fn run(o: WorkerOptions) -> Result<()> {
+    let listener = TcpListener::bind(o.ring_listen)
+        .with_context(|| format!("binding the ring listener on {}", o.ring_listen))?;
+    let bound = listener.local_addr().context("ring listener address")?;
+    let ring_address = match &o.advertise {
+        Some(host) => format!("{host}:{}", bound.port()),
+        None => bound.to_string(),
+    };
+    let host = host_name();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let me = Identity {
+        requested_rank: o.rank,
+        host: host.clone(),
+        device: o.device_name.clone(),
+        member_id: format!("{host}:{}:{started}", std::process::id()),
+        ring_address,
+    };
+    let mut link = CoordinatorLink::connect(&o.coordinator, o.connect_patience)?;
+    tracing::info!(coordinator = %link.url(), ring = %me.ring_address, "registering");
+    let joined = link.join(&me)?;
+    link.keep_lease(&joined, &me.member_id);
+    let span = tracing::info_span!("worker", rank = joined.rank, generation = joined.generation);
+    let _guard = span.enter();
+    tracing::info!(world_size = joined.world_size, "joined the run");
+    let cfg = received_config(&joined, &o)?;
+    ensure!(
+        cfg.distributed.backend == CollectiveBackend::Tcp,
+        "distributed.backend = \"nccl\" is not built into this worker yet; use \"tcp\""
+    );
+    let mut ring = form_ring(&joined, listener, &cfg)?;
+    tracing::info!("ring formed");
+    let work = link.next_work(&joined)?;
+    let out = o
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
+    let mut trainer = Trainer::new(&cfg, o.device)?;
+    let rank0 = joined.rank == 0;
+    let checkpoints = Checkpoints::open(&cfg, &out)?;
+    let mut cursor = Cursor::at(work.epoch, work.position);
+    let data = crate::dataset::open_training_source(&cfg.data)
+        .with_context(|| format!("opening data.source {:?}", cfg.data.source))?;
+    let data_order = data.order().describe();
+    if !work.restore_url.is_empty() {
+        let r = checkpoints
+            .load(Some(work.restore_step))?
+            .with_context(|| format!("checkpoint step {} is missing", work.restore_step))?;
+        ensure!(
+            r.step as u64 == work.start_step
+                && (r.cursor.epoch, r.cursor.position) == (work.epoch, work.position),
+            "checkpoint step {} holds step {} at epoch {} position {}, the coordinator assigned step {} at epoch {} position {}",
+            work.restore_step, r.step, r.cursor.epoch, r.cursor.position, work.start_step, work.epoch, work.position
+        );
+        ensure!(
+            r.data_order == data_order || r.cursor.position == 0,
+            "checkpoint step {} is {} samples into epoch {} of data order {:?}, but this worker's dataset gives order {data_order:?}; resuming would repeat and skip samples",
+            r.step, r.cursor.position, r.cursor.epoch, r.data_order
+        );
+        trainer.import_state(&r.blobs, r.step)?;
+        cursor = r.cursor;
+        tracing::info!(step = r.step, "restored the checkpoint");
+    }
+    ensure!(
+        trainer.global_step() as u64 == work.start_step,
+        "the coordinator assigned step {} but no checkpoint was restored (this worker is at step {})",
+        work.start_step,
+        trainer.global_step()
+    );
+    if rank0 {
+        checkpoints.take_over(work.start_step)?;
+    }
+    // Every rank starts from rank 0's parameters and EMA, whatever it initialised or loaded.
+    {
+        let (flat, ema) = trainer.flat();
+        broadcast_from_rank0(&mut ring, &flat.params, "broadcast of the parameters")?;
+        broadcast_from_rank0(&mut ring, ema, "broadcast of the EMA weights")?;
+    }
+    if rank0 && work.steps > 0 {
+        checkpoints.prepare(&trainer);
+    }
+    let mut reporter = Reporter {
+        link: &link,
+        joined: &joined,
+        checkpoints: rank0.then_some(&checkpoints),
+        reported_checkpoint: None,
+        url: checkpoints.url().to_string(),
+        total: cfg.train.total_steps as u64,
+    };
+    let outcome = train_loop::train(
+        &mut trainer,
+        LoopSetup {
+            cfg: &cfg,
+            data,
+            cursor,
+            data_order,
+            out: out.clone(),
+            checkpoints: rank0.then_some(&checkpoints),
+            ranks: Some(Ranks {
+                comm: &mut ring,
+                exchange: GradientExchange::new(cfg.distributed.bucket_mb as usize),
+            }),
+        },
+        &mut reporter,
+    )?;
+    let last_line = outcome.last.clone();
+    if rank0 {
+        let url = checkpoints.url().to_string();
+        let uploads = checkpoints.finish();
+        if let Some(step) = uploads.last_committed {
+            link.checkpoint_committed(CheckpointNotice {
+                rank: joined.rank,
+                generation: joined.generation,
+                step,
+                url: url.clone(),
+            });
+        }
+        if let Some(last) = outcome.submitted {
+            ensure!(
+                uploads.last_committed == Some(last),
+                "the final checkpoint (step {last}) was not committed to {url}: {}",
+                uploads.last_error.as_deref().unwrap_or("unknown error")
+            );
+        }
+    }
+    let step = trainer.global_step() as u64;
+    let final_report = ProgressReport {
+        rank: joined.rank,
+        generation: joined.generation,
+        step,
+        loss: last_line.as_ref().map_or(0.0, |l| l.loss),
+        images_per_second: last_line.as_ref().map_or(0.0, |l| l.images_per_second),
+        epoch: outcome.cursor.epoch,
+        position: outcome.cursor.position,
+        data_wait_fraction: last_line.as_ref().map_or(0.0, |l| l.data_wait_fraction),
+        allreduce_seconds: last_line.as_ref().map_or(0.0, |l| l.allreduce_seconds),
+    };
+    let state = link.report_and_wait(final_report)?;
+    ring.barrier("the end of training")?;
+    tracing::info!(step, state = ?state, "done");
+    Ok(())
+}

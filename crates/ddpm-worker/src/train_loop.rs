@@ -1,0 +1,280 @@
+//! The training loop shared by `ddpm train` (one process) and every rank of a distributed
+//! run: batches from the loader, the step (with the gradient all-reduce when there are
+//! several ranks), the log, weight snapshots and checkpoints (rank 0).
+
+use crate::checkpoints::Checkpoints;
+use crate::error::{ensure, Context, Result};
+use crate::exchange::GradientExchange;
+use ddpm_collective::Collective;
+use ddpm_config::Config;
+use ddpm_data::epoch::Cursor;
+use ddpm_data::loader::{Loader, LoaderOptions};
+use ddpm_data::samples::SampleSource;
+use ddpm_trainer::{save_weights_dir, Trainer};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+/// The ranks this loop trains with.
+pub struct Ranks<'a> {
+    /// The collective over every rank.
+    pub comm: &'a mut dyn Collective,
+    /// Gradient buckets.
+    pub exchange: GradientExchange,
+}
+
+/// Where one run of the loop starts and what it writes.
+pub struct LoopSetup<'a> {
+    /// The resolved config.
+    pub cfg: &'a Config,
+    /// Training samples.
+    pub data: Arc<dyn SampleSource>,
+    /// The data cursor at `trainer.global_step()`.
+    pub cursor: Cursor,
+    /// `data.order().describe()`, saved with checkpoints.
+    pub data_order: String,
+    /// Rank 0's output directory: train_log.jsonl, weight snapshots, final weights.
+    pub out: PathBuf,
+    /// Rank 0 commits checkpoints here; other ranks pass None.
+    pub checkpoints: Option<&'a Checkpoints>,
+    /// None for a single process.
+    pub ranks: Option<Ranks<'a>>,
+}
+
+/// One logged window of training (every `train.log_every` steps and the last).
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// Completed steps.
+    pub step: u64,
+    /// The loss of this step (averaged over every rank's examples).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Images per second of this rank over the window.
+    pub images_per_second: f64,
+    /// Share of the window this rank's training thread waited for data.
+    pub data_wait_fraction: f64,
+    /// Seconds in gradient collectives over the window.
+    pub allreduce_seconds: f64,
+    /// The data cursor after the step.
+    pub cursor: Cursor,
+}
+
+impl LogLine {
+    /// Logs the line as a `tracing` event ("progress").
+    pub fn trace(&self) {
+        tracing::info!(
+            step = self.step,
+            loss = self.loss,
+            grad_norm = self.grad_norm,
+            lr = self.lr,
+            images_per_second = self.images_per_second,
+            data_wait_fraction = self.data_wait_fraction,
+            allreduce_seconds = self.allreduce_seconds,
+            "progress"
+        );
+    }
+}
+
+/// What the loop did.
+#[derive(Debug, Default)]
+pub struct LoopOutcome {
+    /// The last step handed to the checkpoint uploader.
+    pub submitted: Option<u64>,
+    /// Training-thread seconds spent handing checkpoints over.
+    pub checkpoint_stall: f64,
+    /// The cursor after the last step.
+    pub cursor: Cursor,
+    /// The last logged line.
+    pub last: Option<LogLine>,
+}
+
+/// Hooks the caller gives the loop.
+pub trait LoopObserver {
+    /// After every step (`step` completed).
+    fn stepped(&mut self, _step: u64) {}
+    /// After every logged window.
+    fn logged(&mut self, _line: &LogLine) {}
+    /// Before every step: `Some(reason)` stops the loop with an error (e.g. the coordinator
+    /// moved the run to another generation).
+    fn stop_reason(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// Trains from `trainer.global_step()` to `train.total_steps`.
+pub fn train(
+    trainer: &mut Trainer,
+    setup: LoopSetup<'_>,
+    observer: &mut dyn LoopObserver,
+) -> Result<LoopOutcome> {
+    let LoopSetup {
+        cfg,
+        data,
+        mut cursor,
+        data_order,
+        out,
+        checkpoints,
+        mut ranks,
+    } = setup;
+    let total = cfg.train.total_steps as u64;
+    let global = cfg.train.batch_size as usize;
+    let (world, rank) = ranks
+        .as_ref()
+        .map_or((1, 0), |r| (r.comm.world_size(), r.comm.rank()));
+    let first_row = ddpm_config::rank_rows(global, world, rank).start as u64;
+    let mut outcome = LoopOutcome::default();
+    let start = trainer.global_step() as u64;
+    if start >= total {
+        outcome.cursor = cursor;
+        return Ok(outcome);
+    }
+    let lead = rank == 0;
+    let mut log = if lead {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let path = out.join("train_log.jsonl");
+        // Appended to, so a resumed run keeps the history of the steps before it.
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        )
+    } else {
+        None
+    };
+    let mut loader = Loader::start(
+        data,
+        cursor.clone(),
+        LoaderOptions::from_config(&cfg.data, cfg.run.seed, global, world, rank),
+    )?;
+    let mut window_start = Instant::now();
+    let mut window_images = 0usize;
+    // Examples over every rank.
+    let mut window_global = 0u64;
+    let mut window_wait = Duration::ZERO;
+    let mut window_allreduce = Duration::ZERO;
+    let mut done = start;
+    while done < total {
+        if let Some(reason) = observer.stop_reason() {
+            return Err(crate::WorkerError::Invalid(format!(
+                "rank {rank} stopped before step {}: {reason}",
+                done + 1
+            )));
+        }
+        let b = loader.next_batch()?;
+        cursor = b.cursor.clone();
+        let examples = b.indices.len();
+        let stats = match ranks.as_mut() {
+            None => {
+                // A batch whose every sample was skipped as undecodable
+                // (data.on_bad_sample = "skip") is passed over; the cursor moves past it.
+                if examples == 0 {
+                    tracing::warn!(
+                        epoch = cursor.epoch,
+                        position = cursor.position,
+                        "a batch had no decodable sample; taking the next"
+                    );
+                    continue;
+                }
+                window_global += examples as u64;
+                trainer.step(&b.images)?
+            }
+            Some(r) => {
+                // Every rank joins the all-reduce, also with no examples (it adds zeroes).
+                let loss = if examples > 0 {
+                    let l = trainer.compute_gradients(&b.images, first_row, global as u64)?;
+                    l.double_value(&[])
+                } else {
+                    let _ = trainer.gradients().zero_();
+                    0.0
+                };
+                let avg =
+                    r.exchange
+                        .average(r.comm, &trainer.gradients(), loss, examples, done + 1)?;
+                if avg.examples == 0 {
+                    tracing::warn!(
+                        epoch = cursor.epoch,
+                        position = cursor.position,
+                        "a global batch had no decodable sample; taking the next"
+                    );
+                    continue;
+                }
+                window_global += avg.examples;
+                trainer.apply_update(Tensor::from(avg.loss as f32))
+            }
+        };
+        window_images += examples;
+        done += 1;
+        observer.stepped(done);
+        if done.is_multiple_of(cfg.train.log_every as u64) || done == total {
+            let loss = stats.loss.double_value(&[]);
+            let window_secs = window_start.elapsed().as_secs_f64();
+            let spent = ranks
+                .as_ref()
+                .map_or(Duration::ZERO, |r| r.exchange.spent());
+            let line = LogLine {
+                step: done,
+                loss,
+                grad_norm: stats.grad_norm.double_value(&[]),
+                lr: stats.lr,
+                images_per_second: window_images as f64 / window_secs,
+                data_wait_fraction: (loader.waited() - window_wait).as_secs_f64() / window_secs,
+                allreduce_seconds: (spent - window_allreduce).as_secs_f64(),
+                cursor: cursor.clone(),
+            };
+            ensure!(
+                loss.is_finite(),
+                "step {done}: the loss is {loss}; stopping (lower train.lr?)"
+            );
+            if let Some(log) = log.as_mut() {
+                let json = serde_json::json!({"step": done, "loss": loss, "grad_norm": line.grad_norm,
+                    "lr": line.lr, "images_per_second": window_global as f64 / window_secs,
+                    "data_wait_fraction": line.data_wait_fraction, "allreduce_seconds": line.allreduce_seconds,
+                    "world_size": world, "epoch": cursor.epoch});
+                writeln!(log, "{json}").context("writing train_log.jsonl")?;
+            }
+            observer.logged(&line);
+            outcome.last = Some(line);
+            window_start = Instant::now();
+            window_images = 0;
+            window_global = 0;
+            window_wait = loader.waited();
+            window_allreduce = spent;
+        }
+        let every = cfg.checkpoint.every_steps as u64;
+        if let Some(ck) = checkpoints {
+            if (every > 0 && done.is_multiple_of(every)) || done == total {
+                // Never checkpoint a diverged state that a resume would then continue from.
+                let loss = stats.loss.double_value(&[]);
+                ensure!(
+                    loss.is_finite(),
+                    "step {done}: the loss is {loss}; not checkpointing this state, stopping (lower train.lr?)"
+                );
+                outcome.checkpoint_stall += ck.submit(trainer, &cursor, &data_order, cfg, world);
+                outcome.submitted = Some(done);
+            }
+        }
+        let snap = cfg.train.snapshot_every as u64;
+        if lead && snap > 0 && done.is_multiple_of(snap) && done != total {
+            let (m, _) = trainer.model();
+            let (e, _) = trainer.ema_model();
+            save_weights_dir(&out, cfg, m, e)?;
+        }
+    }
+    // Stop the loader's threads and drop its shard cache before the caller samples or exits.
+    drop(loader);
+    if lead {
+        let (m, _) = trainer.model();
+        let (e, _) = trainer.ema_model();
+        save_weights_dir(&out, cfg, m, e)?;
+        tracing::info!(dir = %out.display(), "wrote ema.safetensors, model.safetensors, config.toml");
+    }
+    outcome.cursor = cursor;
+    Ok(outcome)
+}
