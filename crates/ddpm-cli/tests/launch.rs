@@ -177,3 +177,106 @@ fn a_failing_worker_stops_the_launch_and_is_named() {
         "the launch must not wait for the survivors"
     );
 }
+
+/// A binary built next to `ddpm` (cargo builds every binary of the workspace before tests).
+fn sibling(name: &str) -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_ddpm")).with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is not built (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let idx = root.join("images.idx.gz");
+    write_idx(&idx);
+    let cfg = config(root, "hang", &format!("idx:{}", path(&idx)));
+    // Long enough to be mid-run when a worker is stopped; a short collective timeout, and a
+    // lease longer than it so the timeout (not the coordinator) ends the run.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("total_steps = 5", "total_steps = 100000")
+        .replace(
+            "collective_timeout_secs = 120",
+            "collective_timeout_secs = 4",
+        )
+        .replace("lease_secs = 20", "lease_secs = 60");
+    std::fs::write(&cfg, text).unwrap();
+    let mut coordinator = Command::new(sibling("coordinator"))
+        .args([
+            "--config",
+            &cfg,
+            "--listen",
+            "127.0.0.1:0",
+            "--world-size",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(coordinator.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = format!(
+        "http://{}",
+        first
+            .trim()
+            .strip_prefix("coordinator listening on ")
+            .unwrap()
+    );
+    // Each worker's stderr goes to a file: a pipe nobody reads would fill and stall it.
+    let worker = |rank: &str, log: &str| {
+        Command::new(sibling("worker"))
+            .args(["--coordinator", &url, "--rank", rank, "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(root.join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut w0 = worker("0", "w0.log");
+    let mut w1 = worker("1", "w1.log");
+    // Wait for training to run (rank 0 logs every step).
+    let log = root.join("hang/train_log.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A third worker asking for a held rank is refused, naming the holder.
+    let dup = worker("0", "dup.log").wait().unwrap();
+    let err = std::fs::read_to_string(root.join("dup.log")).unwrap();
+    assert!(!dup.success(), "{err}");
+    assert!(err.contains("rank 0 is taken by"), "{err}");
+    // Stop rank 1: rank 0 blocks in the next all-reduce and must time out on its own.
+    unsafe { libc::kill(w1.id() as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let status = w0.wait().unwrap();
+    let err = std::fs::read_to_string(root.join("w0.log")).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("all_reduce")
+            && err.contains("at step")
+            && err.contains("timed out")
+            && err.contains("rank 1"),
+        "the error names the collective, the step and the peer: {err}"
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(60),
+        "the timeout is 4 s, it took {:?}",
+        stopped.elapsed()
+    );
+    let _ = w1.kill();
+    let _ = w1.wait();
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+}

@@ -268,7 +268,15 @@ impl Membership {
         self.holder(rank, progress.generation)?;
         let m = self.members.get_mut(&rank).expect("holder checked");
         m.last_seen = now;
-        m.progress = Some(progress);
+        // Reports travel concurrently and may arrive out of order: within a generation a
+        // rank's step never goes back, so a late report cannot undo the final one.
+        let older = m
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.generation == progress.generation && p.step > progress.step);
+        if !older {
+            m.progress = Some(progress);
+        }
         Ok(self.phase)
     }
 
@@ -488,6 +496,9 @@ mod tests {
         assert!(err.contains("generation 3"), "{err}");
         m.report(1, progress(1, 5), t).unwrap();
         assert!(m.all_reached(5) && !m.all_reached(6));
+        // A report that arrives late (step 4 after step 5) does not take the step back.
+        m.report(1, progress(1, 4), t).unwrap();
+        assert!(m.all_reached(5));
     }
 
     #[test]

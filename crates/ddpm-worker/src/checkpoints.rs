@@ -135,11 +135,7 @@ impl Checkpoints {
                 .handle()
                 .block_on(self.store.load(s))
                 .with_context(|| {
-                    format!(
-                        "--resume {s}: checkpoint {}/step-{s} in {}",
-                        self.store.run(),
-                        self.url
-                    )
+                    format!("checkpoint {}/step-{s} in {}", self.store.run(), self.url)
                 })?,
             None => match self
                 .uploader

@@ -4,6 +4,7 @@
 //! reads the shared stop flag and queues reports.
 
 use crate::error::{Context, Result, WorkerError};
+use ddpm_collective::AbortHandle;
 use ddpm_proto::v1::coordinator_client::CoordinatorClient;
 use ddpm_proto::v1::{
     CheckpointNotice, HeartbeatRequest, ProgressReport, RegisterRequest, RegisterResponse, Role,
@@ -46,6 +47,13 @@ pub struct Joined {
     pub lease: Duration,
 }
 
+/// A progress report for the reporter task, with where to send the answer when the sender
+/// waits for it.
+type QueuedReport = (
+    ProgressReport,
+    Option<tokio::sync::oneshot::Sender<Result<RunState>>>,
+);
+
 /// A connection to the coordinator and the tasks that keep this worker's lease.
 pub struct CoordinatorLink {
     rt: tokio::runtime::Runtime,
@@ -53,7 +61,14 @@ pub struct CoordinatorLink {
     url: String,
     /// Why training must stop (set by the heartbeat task), if it must.
     stop: Arc<Mutex<Option<String>>>,
+    /// Aborts the collective when the heartbeat task learns the run moved on.
+    abort: Arc<Mutex<Option<Arc<dyn AbortHandle>>>>,
+    /// Reports go out one at a time, in order, so a late one never lands after the final.
+    reports: tokio::sync::mpsc::UnboundedSender<QueuedReport>,
 }
+
+/// Every RPC gives up after this long (the coordinator answers from memory).
+const RPC_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn rpc(what: &str) -> impl FnOnce(tonic::Status) -> WorkerError + '_ {
     move |status| WorkerError::Rpc {
@@ -75,7 +90,10 @@ impl CoordinatorLink {
         let deadline = Instant::now() + patience;
         let endpoint = Channel::from_shared(url.to_string())
             .map_err(|e| WorkerError::Invalid(format!("--coordinator {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(RPC_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
         let channel = loop {
             match rt.block_on(endpoint.connect()) {
                 Ok(c) => break c,
@@ -90,11 +108,34 @@ impl CoordinatorLink {
                 }
             }
         };
+        let client = CoordinatorClient::new(channel);
+        let (reports, mut queue) = tokio::sync::mpsc::unbounded_channel::<QueuedReport>();
+        let mut reporter = client.clone();
+        rt.spawn(async move {
+            while let Some((report, answer)) = queue.recv().await {
+                let r = reporter.report_progress(report).await;
+                match answer {
+                    Some(tx) => {
+                        let _ = tx.send(r.map_err(rpc("ReportProgress")).map(|ack| {
+                            RunState::try_from(ack.into_inner().state)
+                                .unwrap_or(RunState::Unspecified)
+                        }));
+                    }
+                    None => {
+                        if let Err(s) = r {
+                            tracing::warn!(error = %s.message(), "progress report not delivered");
+                        }
+                    }
+                }
+            }
+        });
         Ok(Self {
             rt,
-            client: CoordinatorClient::new(channel),
+            client,
             url: url.to_string(),
             stop: Arc::new(Mutex::new(None)),
+            abort: Arc::new(Mutex::new(None)),
+            reports,
         })
     }
 
@@ -149,6 +190,14 @@ impl CoordinatorLink {
     pub fn keep_lease(&self, joined: &Joined, member_id: &str) {
         let mut client = self.client.clone();
         let stop = self.stop.clone();
+        let abort = self.abort.clone();
+        // Stops training and interrupts a collective blocked on a peer that is gone.
+        let halt = move |why: String| {
+            *stop.lock().expect("stop flag") = Some(why);
+            if let Some(a) = abort.lock().expect("abort handle").as_ref() {
+                a.abort();
+            }
+        };
         let request = HeartbeatRequest {
             rank: joined.rank,
             generation: joined.generation,
@@ -164,12 +213,12 @@ impl CoordinatorLink {
                     Ok(r) => {
                         last_ok = Instant::now();
                         if r.into_inner().state == RunState::Failed as i32 {
-                            *stop.lock().expect("stop flag") =
-                                Some("the coordinator says the run failed".into());
+                            halt("the coordinator says the run failed".into());
+                            return;
                         }
                     }
                     Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                        *stop.lock().expect("stop flag") = Some(format!(
+                        halt(format!(
                             "the coordinator refused the heartbeat: {}",
                             s.message()
                         ));
@@ -178,7 +227,7 @@ impl CoordinatorLink {
                     Err(s) => {
                         tracing::warn!(error = %s.message(), "heartbeat failed; retrying");
                         if last_ok.elapsed() > lease {
-                            *stop.lock().expect("stop flag") = Some(format!(
+                            halt(format!(
                                 "no heartbeat reached the coordinator for {:?} (the lease): {}",
                                 last_ok.elapsed(),
                                 s.message()
@@ -189,6 +238,12 @@ impl CoordinatorLink {
                 }
             }
         });
+    }
+
+    /// From now on, a refused heartbeat also aborts `abort`'s collective, so a rank blocked
+    /// on a peer the coordinator has given up on fails at once instead of at the timeout.
+    pub fn abort_on_stop(&self, abort: Arc<dyn AbortHandle>) {
+        *self.abort.lock().expect("abort handle") = Some(abort);
     }
 
     /// Why training must stop, if the coordinator said so.
@@ -211,22 +266,16 @@ impl CoordinatorLink {
 
     /// Queues a progress report; the training thread does not wait for it.
     pub fn report(&self, report: ProgressReport) {
-        let mut client = self.client.clone();
-        self.rt.spawn(async move {
-            if let Err(s) = client.report_progress(report).await {
-                tracing::warn!(error = %s.message(), "progress report not delivered");
-            }
-        });
+        let _ = self.reports.send((report, None));
     }
 
-    /// Sends a progress report and waits for the answer (the final one).
+    /// Sends a progress report after every queued one and waits for the answer (the final
+    /// report).
     pub fn report_and_wait(&mut self, report: ProgressReport) -> Result<RunState> {
-        let ack = self
-            .rt
-            .block_on(self.client.report_progress(report))
-            .map_err(rpc("ReportProgress"))?
-            .into_inner();
-        Ok(RunState::try_from(ack.state).unwrap_or(RunState::Unspecified))
+        let gone = || WorkerError::Invalid("the progress reporter stopped".into());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.reports.send((report, Some(tx))).map_err(|_| gone())?;
+        self.rt.block_on(rx).map_err(|_| gone())?
     }
 
     /// Rank 0: tells the coordinator a checkpoint was committed (without blocking).

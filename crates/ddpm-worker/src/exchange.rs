@@ -9,17 +9,26 @@ use tch::{Device, Kind, Tensor};
 
 /// Runs `f` on the elements of the float32 tensor `t` as a host slice, writing the slice's
 /// changes back. A contiguous CPU tensor is used in place; any other goes through a copy.
-pub fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+///
+/// # Safety
+///
+/// While `f` runs, nothing else may read or write `t`'s storage: no other thread, and not
+/// `f` itself through another handle of the tensor. The trainer's flat buffers qualify:
+/// only the training thread, which is the caller, touches them.
+unsafe fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
     ensure!(
         t.kind() == Kind::Float,
         "expected a float32 buffer, got {:?}",
         t.kind()
     );
     let n = t.numel();
+    if n == 0 {
+        return f(&mut []);
+    }
     if t.device() == Device::Cpu && t.is_contiguous() {
-        // SAFETY: `t` is a contiguous float32 CPU tensor of `n` elements. The trainer's flat
-        // buffers are only touched by the training thread, which is here: nothing else reads
-        // or writes them while the slice lives.
+        // SAFETY: `t` is a contiguous float32 CPU tensor of `n` > 0 elements, so its data
+        // pointer is valid for `n` floats; the caller guarantees that nothing else accesses
+        // the storage while the slice lives.
         let slice = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
         return f(slice);
     }
@@ -91,20 +100,23 @@ impl GradientExchange {
                 let _ = g.g_mul_scalar_(examples as f64);
             });
             let bucket = self.bucket_elems;
-            with_host_slice(grads, |buf| {
-                let buckets = buf.len().div_ceil(bucket);
-                for (i, chunk) in buf.chunks_mut(bucket).enumerate() {
-                    comm.all_reduce(
-                        chunk,
-                        ReduceOp::Sum,
-                        &format!(
-                            "all_reduce of gradient bucket {}/{buckets} at step {step}",
-                            i + 1
-                        ),
-                    )?;
-                }
-                Ok(())
-            })?;
+            // SAFETY: the gradient buffer is the training thread's; `g` is not used in `f`.
+            unsafe {
+                with_host_slice(grads, |buf| {
+                    let buckets = buf.len().div_ceil(bucket);
+                    for (i, chunk) in buf.chunks_mut(bucket).enumerate() {
+                        comm.all_reduce(
+                            chunk,
+                            ReduceOp::Sum,
+                            &format!(
+                                "all_reduce of gradient bucket {}/{buckets} at step {step}",
+                                i + 1
+                            ),
+                        )?;
+                    }
+                    Ok(())
+                })?
+            };
             tch::no_grad(|| {
                 let _ = g.g_mul_scalar_(1.0 / total as f64);
             });
@@ -125,8 +137,17 @@ impl GradientExchange {
 
 /// Copies rank 0's `t` to every rank (the parameters at the start of training, so every
 /// rank starts from the same point whatever it loaded).
-pub fn broadcast_from_rank0(comm: &mut dyn Collective, t: &Tensor, what: &str) -> Result<()> {
-    with_host_slice(t, |buf| Ok(comm.broadcast(buf, 0, what)?))
+///
+/// # Safety
+///
+/// Nothing else may access `t`'s storage during the call (see `with_host_slice`).
+pub unsafe fn broadcast_from_rank0(
+    comm: &mut dyn Collective,
+    t: &Tensor,
+    what: &str,
+) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { with_host_slice(t, |buf| Ok(comm.broadcast(buf, 0, what)?)) }
 }
 
 #[cfg(test)]
@@ -229,7 +250,8 @@ mod tests {
             .map(|(r, mut comm)| {
                 std::thread::spawn(move || {
                     let t = Tensor::full([5], r as f64 + 2.0, (Kind::Float, Device::Cpu));
-                    broadcast_from_rank0(&mut comm, &t, "test").unwrap();
+                    // SAFETY: `t` is this thread's own tensor.
+                    unsafe { broadcast_from_rank0(&mut comm, &t, "test") }.unwrap();
                     Vec::<f32>::try_from(&t).unwrap()
                 })
             })

@@ -176,7 +176,13 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     let bound = listener.local_addr().context("ring listener address")?;
     let ring_address = match &o.advertise {
         Some(host) => format!("{host}:{}", bound.port()),
-        None => bound.to_string(),
+        None => {
+            ensure!(
+                !bound.ip().is_unspecified(),
+                "--ring-listen {bound}: the other workers cannot reach an unspecified address; give --advertise HOST (this worker's name or IP as they see it)"
+            );
+            bound.to_string()
+        }
     };
     let host = host_name();
     let started = std::time::SystemTime::now()
@@ -202,8 +208,6 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         cfg.distributed.backend == CollectiveBackend::Tcp,
         "distributed.backend = \"nccl\" is not built into this worker yet; use \"tcp\""
     );
-    let mut ring = form_ring(&joined, listener, &cfg)?;
-    tracing::info!("ring formed");
     let work = link.next_work(&joined)?;
     let out = o
         .out
@@ -244,11 +248,22 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     if rank0 {
         checkpoints.take_over(work.start_step)?;
     }
+    // Formed once every rank is set up (no rank waits out its timeout on another's slow
+    // dataset scan or checkpoint download), and declared after the trainer and the
+    // checkpoints so that on an error it is dropped first: its sockets close and the other
+    // ranks fail at once instead of waiting out the collective timeout.
+    let mut ring = form_ring(&joined, listener, &cfg)?;
+    link.abort_on_stop(ring.abort_handle());
+    tracing::info!("ring formed");
     // Every rank starts from rank 0's parameters and EMA, whatever it initialised or loaded.
     {
         let (flat, ema) = trainer.flat();
-        broadcast_from_rank0(&mut ring, &flat.params, "broadcast of the parameters")?;
-        broadcast_from_rank0(&mut ring, ema, "broadcast of the EMA weights")?;
+        // SAFETY: the trainer's buffers are this (the training) thread's, and no other
+        // handle to them is used during the broadcasts.
+        unsafe {
+            broadcast_from_rank0(&mut ring, &flat.params, "broadcast of the parameters")?;
+            broadcast_from_rank0(&mut ring, ema, "broadcast of the EMA weights")?;
+        }
     }
     if rank0 && work.steps > 0 {
         checkpoints.prepare(&trainer);
@@ -277,6 +292,10 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         },
         &mut reporter,
     )?;
+    // Every rank is past the last all-reduce; rank 0 may now wait for its uploads without
+    // anyone waiting on it in a collective.
+    ring.barrier("the end of training")?;
+    drop(ring);
     let last_line = outcome.last.clone();
     if rank0 {
         let url = checkpoints.url().to_string();
@@ -310,7 +329,6 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         allreduce_seconds: last_line.as_ref().map_or(0.0, |l| l.allreduce_seconds),
     };
     let state = link.report_and_wait(final_report)?;
-    ring.barrier("the end of training")?;
     tracing::info!(step, state = ?state, "done");
     Ok(())
 }

@@ -129,11 +129,17 @@ pub fn train(
     let first_row = ddpm_config::rank_rows(global, world, rank).start as u64;
     let mut outcome = LoopOutcome::default();
     let start = trainer.global_step() as u64;
+    let lead = rank == 0;
     if start >= total {
+        if lead {
+            // Nothing to train: the weights of the finished state still go to `out`.
+            let (m, _) = trainer.model();
+            let (e, _) = trainer.ema_model();
+            save_weights_dir(&out, cfg, m, e)?;
+        }
         outcome.cursor = cursor;
         return Ok(outcome);
     }
-    let lead = rank == 0;
     let mut log = if lead {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         let path = out.join("train_log.jsonl");
@@ -197,6 +203,13 @@ pub fn train(
                 let avg =
                     r.exchange
                         .average(r.comm, &trainer.gradients(), loss, examples, done + 1)?;
+                // Identical on every rank (all-reduced), so all stop together.
+                ensure!(
+                    avg.loss.is_finite(),
+                    "step {}: the loss is {}; stopping (lower train.lr?)",
+                    done + 1,
+                    avg.loss
+                );
                 if avg.examples == 0 {
                     tracing::warn!(
                         epoch = cursor.epoch,

@@ -1,7 +1,7 @@
 //! `ddpm launch`: a whole distributed run on this host — the coordinator and N workers as
 //! child processes, their logs prefixed with role and rank, all stopped together.
 
-use super::{device, load_config};
+use super::load_config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{BufRead, BufReader, Read};
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Arguments of `ddpm launch`.
@@ -27,7 +28,8 @@ pub struct LaunchArgs {
     /// workers on cpu).
     #[arg(long)]
     pub threads_per_worker: Option<i64>,
-    /// After training, write a grid of this many EMA samples to run.out_dir/samples.png.
+    /// After training, write a grid of this many EMA samples to run.out_dir/samples.png
+    /// (`ddpm sample`, ancestral, all T steps, seeded with run.seed).
     #[arg(long, default_value_t = 0)]
     pub sample_n: i64,
     /// Where the coordinator listens (port 0: a free port).
@@ -35,11 +37,39 @@ pub struct LaunchArgs {
     pub listen: String,
 }
 
-/// A child process and its name in the logs.
+/// How long the coordinator may take to finish after every worker exited successfully.
+const COORDINATOR_GRACE: Duration = Duration::from_secs(30);
+
+/// A child process, its name in the logs and the threads copying its output.
 struct Proc {
     name: String,
     child: Child,
     status: Option<ExitStatus>,
+    forwarders: Vec<JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Whether it has exited (recording the status).
+    fn poll(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", self.name))?;
+        }
+        Ok(self.status)
+    }
+
+    /// Kills it if it still runs, reaps it, and waits until its last lines are printed.
+    fn stop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+        for f in self.forwarders.drain(..) {
+            let _ = f.join();
+        }
+    }
 }
 
 /// The directory holding this executable, where `coordinator` and `worker` are built too.
@@ -55,43 +85,55 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `cmd` with its stdout and stderr piped; the child is killed if this process dies.
-fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
-    // its parent (this process) dies, so no worker outlives a killed launcher.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {name} ({cmd:?})"))?;
-    Ok(Proc {
-        name: name.to_string(),
-        child,
-        status: None,
-    })
-}
-
 /// Copies each line of `from` to stderr, prefixed with `[name]`.
-fn forward(name: String, from: impl Read + Send + 'static) {
+fn forward(name: String, from: impl Read + Send + 'static) -> JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(from).lines() {
             let Ok(line) = line else { break };
             eprintln!("[{name}] {line}");
         }
-    });
+    })
 }
 
-/// Reads the coordinator's first stdout line, `coordinator listening on ADDR`.
+/// Starts `cmd` with its stderr (and stdout unless `keep_stdout`) forwarded; the child is
+/// killed if this process dies.
+fn spawn(name: &str, cmd: &mut Command, keep_stdout: bool) -> Result<Proc> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls between fork and exec. PR_SET_PDEATHSIG asks the
+    // kernel to kill the child when the launcher dies, so no worker outlives it; if the
+    // launcher died before the prctl took effect, the child exits at once.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} ({cmd:?})"))?;
+    let mut forwarders = vec![forward(name.into(), child.stderr.take().expect("piped"))];
+    if !keep_stdout {
+        forwarders.push(forward(name.into(), child.stdout.take().expect("piped")));
+    }
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        status: None,
+        forwarders,
+    })
+}
+
+/// Reads the coordinator's first stdout line, `coordinator listening on ADDR`, then
+/// forwards the rest. Fails (after printing its last words) if it exits before.
 fn coordinator_address(p: &mut Proc) -> Result<String> {
     let stdout = p.child.stdout.take().context("coordinator stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    p.forwarders.push(std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
         let mut first = String::new();
         let _ = reader.read_line(&mut first);
@@ -100,21 +142,68 @@ fn coordinator_address(p: &mut Proc) -> Result<String> {
             let Ok(line) = line else { break };
             eprintln!("[coordinator] {line}");
         }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(120))
-        .context("the coordinator did not say where it listens within 120 s")?;
+    }));
+    let first = rx.recv_timeout(Duration::from_secs(120));
     let addr = first
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .with_context(|| format!("unexpected first line from the coordinator: {first:?}"))?;
-    Ok(addr.to_string())
+        .as_deref()
+        .ok()
+        .and_then(|l| l.trim().strip_prefix("coordinator listening on "))
+        .map(str::to_string);
+    match addr {
+        Some(a) => Ok(a),
+        None => {
+            p.stop();
+            match first {
+                Ok(l) if l.is_empty() => bail!(
+                    "the coordinator exited ({}) before listening; its log is above",
+                    p.status.map_or("unknown status".into(), |s| s.to_string())
+                ),
+                Ok(l) => bail!("unexpected first line from the coordinator: {l:?}"),
+                Err(_) => bail!("the coordinator did not say where it listens within 120 s"),
+            }
+        }
+    }
 }
 
-fn stop_all(procs: &mut [Proc]) {
-    for p in procs.iter_mut().filter(|p| p.status.is_none()) {
-        let _ = p.child.kill();
-        p.status = p.child.wait().ok();
+/// Waits for every process; the first failure or Ctrl-C stops the rest. With
+/// `coordinator_first`, `procs[0]` is the coordinator, which gets [`COORDINATOR_GRACE`] to
+/// finish once every worker has exited.
+fn supervise(procs: &mut [Proc], coordinator_first: bool, interrupted: &AtomicBool) -> Result<()> {
+    let mut workers_done: Option<Instant> = None;
+    let failure = loop {
+        if interrupted.load(Ordering::SeqCst) {
+            break Some("interrupted (Ctrl-C)".to_string());
+        }
+        let mut failed = None;
+        for p in procs.iter_mut() {
+            if let Some(s) = p.poll()? {
+                if !s.success() && failed.is_none() {
+                    failed = Some(format!("{} exited with {s}", p.name));
+                }
+            }
+        }
+        if failed.is_some() {
+            break failed;
+        }
+        if procs.iter().all(|p| p.status.is_some()) {
+            break None;
+        }
+        if coordinator_first && procs[1..].iter().all(|p| p.status.is_some()) {
+            let since = *workers_done.get_or_insert_with(Instant::now);
+            if since.elapsed() > COORDINATOR_GRACE {
+                break Some(format!(
+                    "every worker exited, but the coordinator did not finish the run within {COORDINATOR_GRACE:?}"
+                ));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for p in procs.iter_mut() {
+        p.stop();
+    }
+    match failure {
+        Some(why) => bail!("{why}; stopped the other processes"),
+        None => Ok(()),
     }
 }
 
@@ -149,7 +238,6 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             .context("installing the Ctrl-C handler")?;
     }
     let started = Instant::now();
-    let mut procs = Vec::new();
     let mut c = spawn(
         "coordinator",
         Command::new(&coordinator)
@@ -161,20 +249,12 @@ pub fn run(a: LaunchArgs) -> Result<()> {
                 "--listen",
                 &a.listen,
             ]),
+        true,
     )?;
-    forward("coordinator".into(), c.child.stderr.take().expect("piped"));
-    let addr = match coordinator_address(&mut c) {
-        Ok(addr) => addr,
-        Err(e) => {
-            procs.push(c);
-            stop_all(&mut procs);
-            return Err(e);
-        }
-    };
-    procs.push(c);
+    let addr = coordinator_address(&mut c)?;
+    let mut procs = vec![c];
     tracing::info!(coordinator = %addr, workers = a.workers, "launching");
     for rank in 0..a.workers {
-        let name = format!("worker {rank}");
         let mut cmd = Command::new(&worker);
         cmd.args(["--coordinator", &format!("http://{addr}")])
             .args(["--rank", &rank.to_string()])
@@ -189,66 +269,37 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         if let Some(t) = threads {
             cmd.args(["--threads", &t.to_string()]);
         }
-        match spawn(&name, &mut cmd) {
-            Ok(mut p) => {
-                forward(name.clone(), p.child.stdout.take().expect("piped"));
-                forward(name, p.child.stderr.take().expect("piped"));
-                procs.push(p);
-            }
+        match spawn(&format!("worker {rank}"), &mut cmd, false) {
+            Ok(p) => procs.push(p),
             Err(e) => {
-                stop_all(&mut procs);
+                procs.iter_mut().for_each(Proc::stop);
                 return Err(e);
             }
         }
     }
-    // Wait for every process; the first failure (or Ctrl-C) stops the rest.
-    let failure = loop {
-        if interrupted.load(Ordering::SeqCst) {
-            break Some("interrupted (Ctrl-C)".to_string());
-        }
-        let mut failed = None;
-        for p in procs.iter_mut().filter(|p| p.status.is_none()) {
-            if let Some(s) = p.child.try_wait().context("waiting for a child")? {
-                p.status = Some(s);
-                if !s.success() && failed.is_none() {
-                    failed = Some(format!("{} exited with {s}", p.name));
-                }
-            }
-        }
-        if failed.is_some() {
-            break failed;
-        }
-        if procs.iter().all(|p| p.status.is_some()) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    if let Some(why) = failure {
-        stop_all(&mut procs);
-        // Give the forwarding threads a moment to print the last lines of the failed process.
-        std::thread::sleep(Duration::from_millis(200));
-        bail!("{why}; stopped the other processes");
-    }
+    supervise(&mut procs, true, &interrupted)?;
     let secs = started.elapsed().as_secs_f64();
     let out = PathBuf::from(&cfg.run.out_dir);
     if a.sample_n > 0 {
-        sample_grid(&out, a.sample_n, cfg.run.seed, &a.device)?;
+        let mut sampler = spawn(
+            "sample",
+            Command::new(std::env::current_exe().context("locating ddpm")?)
+                .arg("sample")
+                .arg("--config")
+                .arg(out.join("config.toml"))
+                .arg("--weights")
+                .arg(out.join("ema.safetensors"))
+                .arg("--out")
+                .arg(out.join("samples.png"))
+                .args(["--n", &a.sample_n.to_string(), "--sampler", "ddpm"])
+                .args(["--seed", &cfg.run.seed.to_string()])
+                .args(["--device", if cuda { "cuda:0" } else { "cpu" }]),
+            false,
+        )?;
+        // Through the same supervision: Ctrl-C stops the sampling too.
+        supervise(std::slice::from_mut(&mut sampler), false, &interrupted)?;
     }
     println!("{}", summary(&cfg.run.name, &out, a.workers, secs)?);
-    Ok(())
-}
-
-/// Writes a grid of `n` ancestral samples of the run's EMA weights to `out/samples.png`.
-fn sample_grid(out: &Path, n: i64, seed: u64, device_arg: &str) -> Result<()> {
-    let cfg = load_config(&out.join("config.toml"))?;
-    let dev = device(if device_arg == "cuda" {
-        "cuda:0"
-    } else {
-        "cpu"
-    })?;
-    let (_vs, net, _) = ddpm_trainer::load_model(&cfg, &out.join("ema.safetensors"), dev)?;
-    let d = ddpm_diffusion::GaussianDiffusion::new(&cfg.diffusion, dev)?;
-    super::sample::write_ancestral_grid(&d, &net, &cfg, n, seed, dev, &out.join("samples.png"))?;
     Ok(())
 }
 

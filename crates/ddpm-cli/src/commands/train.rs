@@ -110,7 +110,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 );
             }
         }
-        if let Some(r) = checkpoints.load(a.resume)? {
+        let resumed = checkpoints.load(a.resume).with_context(|| match a.resume {
+            Some(s) => format!("--resume {s}"),
+            None => "resuming from the newest checkpoint that verifies".to_string(),
+        })?;
+        if let Some(r) = resumed {
             let newer: Vec<u64> = existing
                 .iter()
                 .copied()
