@@ -1,5 +1,9 @@
 //! `ddpm launch`: real `coordinator` and `worker` processes on 127.0.0.1, against one
 //! `ddpm train` process on the same data.
+//!
+//! The `coordinator` and `worker` binaries are the ones built next to `ddpm`: run these tests
+//! with `cargo test --workspace` (or build `-p ddpm-coordinator -p ddpm-worker` first), or
+//! they run whatever older binaries are there.
 
 mod common;
 
@@ -279,4 +283,35 @@ fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() 
     let _ = w1.wait();
     let _ = coordinator.kill();
     let _ = coordinator.wait();
+}
+
+#[test]
+fn a_dataset_unreadable_throughout_stops_a_distributed_run_instead_of_spinning() {
+    // Each rank counts only its own skipped samples; the ranks together must notice that
+    // no sample of an epoch decodes, even when data.max_bad_fraction allows all of them.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let images = root.join("garbage");
+    std::fs::create_dir(&images).unwrap();
+    // 40 samples, global batches of 7 (3 + 4 per rank): the ranks together see a whole
+    // epoch of empty batches after 6 steps, while each rank has been dealt at most 24 of
+    // the 40 samples, too few for its own loader to call the dataset unreadable.
+    for i in 0..40 {
+        std::fs::write(images.join(format!("{i}.png")), b"not an image").unwrap();
+    }
+    let cfg = config(root, "bad", &format!("folder:{}", path(&images)));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "random_flip = true",
+        "random_flip = true\non_bad_sample = \"skip\"\nmax_bad_fraction = 1.0",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = ddpm(&["launch", "--config", &cfg, "--workers", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "6 global batches in a row (42 samples, the dataset has 40) had no decodable sample"
+        ),
+        "{err}"
+    );
 }

@@ -91,7 +91,7 @@ impl GradientExchange {
         comm.all_reduce(
             &mut totals,
             ReduceOp::Sum,
-            &format!("all_reduce of the example count at step {step}"),
+            &format!("the example count at step {step}"),
         )?;
         let total = totals[1].round() as u64;
         if total > 0 {
@@ -108,10 +108,7 @@ impl GradientExchange {
                         comm.all_reduce(
                             chunk,
                             ReduceOp::Sum,
-                            &format!(
-                                "all_reduce of gradient bucket {}/{buckets} at step {step}",
-                                i + 1
-                            ),
+                            &format!("gradient bucket {}/{buckets} at step {step}", i + 1),
                         )?;
                     }
                     Ok(())

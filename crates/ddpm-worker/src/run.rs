@@ -248,8 +248,8 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     if rank0 {
         checkpoints.take_over(work.start_step)?;
     }
-    // Formed once every rank is set up (no rank waits out its timeout on another's slow
-    // dataset scan or checkpoint download), and declared after the trainer and the
+    // Formed after this rank's setup (forming waits for the slowest rank, within
+    // distributed.collective_timeout_secs), and declared after the trainer and the
     // checkpoints so that on an error it is dropped first: its sockets close and the other
     // ranks fail at once instead of waiting out the collective timeout.
     let mut ring = form_ring(&joined, listener, &cfg)?;

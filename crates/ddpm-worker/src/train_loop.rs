@@ -154,6 +154,7 @@ pub fn train(
     } else {
         None
     };
+    let data_len = data.len();
     let mut loader = Loader::start(
         data,
         cursor.clone(),
@@ -166,6 +167,10 @@ pub fn train(
     let mut window_wait = Duration::ZERO;
     let mut window_allreduce = Duration::ZERO;
     let mut done = start;
+    // Each rank counts only its own skipped samples, so with several ranks the loader's
+    // "every sample is bad" check cannot see a dataset that is bad throughout: global
+    // batches that are all empty for a whole epoch's worth of samples stop the run instead.
+    let mut empty_in_a_row = 0usize;
     while done < total {
         if let Some(reason) = observer.stop_reason() {
             return Err(crate::WorkerError::Invalid(format!(
@@ -211,6 +216,12 @@ pub fn train(
                     avg.loss
                 );
                 if avg.examples == 0 {
+                    empty_in_a_row += 1;
+                    ensure!(
+                        empty_in_a_row * global < data_len,
+                        "{empty_in_a_row} global batches in a row ({} samples, the dataset has {data_len}) had no decodable sample: the data is unreadable (see the skipped samples above)",
+                        empty_in_a_row * global
+                    );
                     tracing::warn!(
                         epoch = cursor.epoch,
                         position = cursor.position,
@@ -218,6 +229,7 @@ pub fn train(
                     );
                     continue;
                 }
+                empty_in_a_row = 0;
                 window_global += avg.examples;
                 trainer.apply_update(Tensor::from(avg.loss as f32))
             }
