@@ -73,7 +73,9 @@ fn report(rank: u32, generation: u64, step: u64) -> Request<v1::ProgressReport> 
 }
 
 #[tokio::test]
-async fn evaluators_other_versions_and_duplicate_ranks_are_refused_changing_nothing() {
+async fn evaluators_and_duplicate_ranks_are_refused_changing_nothing() {
+    // Another protocol version: ddpm_proto's check_version, through the real binary in
+    // tests/service.rs.
     let Run { svc, .. } = run(2, 4, 3, "tcp");
     let mut eval = join("e", None);
     eval.get_mut().role = v1::Role::Evaluator.into();
@@ -84,17 +86,7 @@ async fn evaluators_other_versions_and_duplicate_ranks_are_refused_changing_noth
         "{}",
         s.message()
     );
-    let mut old = join("o", None);
-    old.get_mut().protocol_version = PROTOCOL_VERSION + 1;
-    let s = svc.register(old).await.unwrap_err();
-    assert_eq!(s.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        s.message()
-            .contains(&format!("version {}", PROTOCOL_VERSION + 1))
-            && s.message().contains(&format!("version {PROTOCOL_VERSION}")),
-        "{}",
-        s.message()
-    );
+
     let a = svc.register(join("a", Some(1))).await.unwrap().into_inner();
     assert_eq!((a.rank, a.world_size, a.generation), (1, 2, 1));
     assert!(a.rendezvous.is_none());
