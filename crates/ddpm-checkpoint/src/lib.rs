@@ -13,6 +13,7 @@ mod manifest;
 mod open;
 pub mod retention;
 mod store;
+mod train_state;
 mod uploader;
 
 pub use blob::{put_blob, Blob};
@@ -23,6 +24,7 @@ pub use manifest::{sha256_hex, BlobEntry, Manifest, MANIFEST_FORMAT};
 pub use open::{open_url, open_url_with, resolve_root_url, StoreOptions};
 pub use retention::RetentionReport;
 pub use store::{CheckpointStore, UploadPolicy};
+pub use train_state::{TrainState, STATE_BLOB};
 pub use uploader::{BlobSource, CheckpointJob, UploadStats, Uploader};
 
 /// Errors of the checkpoint crate; each names the run, step or blob at fault.

@@ -5,12 +5,11 @@
 //! losing a member (the new generation continues from the newest checkpoint then).
 
 use crate::CoordinatorError;
-use ddpm_checkpoint::{open_url_with, resolve_root_url, CheckpointError, CheckpointStore};
+use ddpm_checkpoint::{
+    open_url_with, resolve_root_url, CheckpointError, CheckpointStore, TrainState, STATE_BLOB,
+};
 use ddpm_config::Config;
 use std::path::Path;
-
-/// The blob of a checkpoint that holds the step and the data cursor.
-pub const STATE_BLOB: &str = "state.json";
 
 /// Where the ranks of one generation start.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -66,45 +65,18 @@ impl Plan {
 
 /// The plan in the `state.json` of checkpoint `step`.
 fn parse_state(bytes: &[u8], url: &str, run: &str, step: u64) -> Result<Plan, CoordinatorError> {
-    let bad = |reason: String| CoordinatorError::State {
+    let state = TrainState::parse(bytes, step).map_err(|reason| CoordinatorError::State {
         url: url.to_string(),
         run: run.to_string(),
         step,
         blob: STATE_BLOB.to_string(),
         reason,
-    };
-    let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let int = |key: &str| {
-        v.get(key)
-            .and_then(serde_json::Value::as_u64)
-            .ok_or_else(|| {
-                bad(format!(
-                    "key `{key}`: expected a non-negative integer, got {}",
-                    v.get(key).map_or("nothing".to_string(), |x| x.to_string())
-                ))
-            })
-    };
-    let state_step = int("step")?;
-    if state_step != step {
-        return Err(bad(format!(
-            "key `step`: {state_step}, but the checkpoint is step-{step}"
-        )));
-    }
-    let data_order = match v.get("data_order") {
-        None | Some(serde_json::Value::Null) => "uniform".to_string(),
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(other) => {
-            return Err(bad(format!(
-                "key `data_order`: expected a string, got {other}"
-            )))
-        }
-    };
+    })?;
     Ok(Plan {
-        start_step: state_step,
-        epoch: int("epoch")?,
-        position: int("position")?,
-        data_order,
+        start_step: state.step,
+        epoch: state.epoch,
+        position: state.position,
+        data_order: state.data_order,
         restore_url: url.to_string(),
         restore_step: step,
     })

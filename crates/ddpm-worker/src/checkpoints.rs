@@ -2,9 +2,10 @@
 //! distributed run) through the checkpoint store. The training thread only copies the state to host memory; serialisation, hashing
 //! and upload run on the checkpoint uploader's thread.
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Result, WorkerError};
 use ddpm_checkpoint::{
-    open_url_with, resolve_root_url, Blob, CheckpointJob, CheckpointStore, UploadStats, Uploader,
+    open_url_with, resolve_root_url, Blob, CheckpointJob, CheckpointStore, TrainState, UploadStats,
+    Uploader,
 };
 use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
@@ -12,8 +13,9 @@ use ddpm_trainer::{SnapshotPool, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
-/// Blob holding the step, the data cursor, the RNG scheme and the world size.
-pub const STATE_BLOB: &str = "state.json";
+/// Blob holding the step, the data cursor, the RNG scheme and the world size (read back by
+/// [`ddpm_checkpoint::TrainState`]).
+pub use ddpm_checkpoint::STATE_BLOB;
 
 /// A training state read back from a checkpoint.
 pub struct Resumed {
@@ -150,16 +152,16 @@ impl Checkpoints {
             .iter()
             .find(|(n, _)| n == STATE_BLOB)
             .with_context(|| format!("checkpoint step-{}: no {STATE_BLOB}", m.step))?;
-        let v: serde_json::Value = serde_json::from_slice(&state.1)
-            .with_context(|| format!("step-{}: {STATE_BLOB}", m.step))?;
-        let field = |k: &str| {
-            v[k].as_u64()
-                .with_context(|| format!("step-{}: {STATE_BLOB} has no integer `{k}`", m.step))
-        };
+        let s = TrainState::parse(&state.1, m.step).map_err(|reason| {
+            WorkerError::Invalid(format!(
+                "checkpoint step-{}: {STATE_BLOB}: {reason}",
+                m.step
+            ))
+        })?;
         Ok(Some(Resumed {
-            step: field("step")? as i64,
-            cursor: Cursor::at(field("epoch")?, field("position")?),
-            data_order: v["data_order"].as_str().unwrap_or("uniform").to_string(),
+            step: s.step as i64,
+            cursor: Cursor::at(s.epoch, s.position),
+            data_order: s.data_order,
             blobs: blobs
                 .into_iter()
                 .filter(|(n, _)| n != STATE_BLOB)
