@@ -106,6 +106,13 @@ pub trait LoopObserver {
     }
 }
 
+/// Writes the model and EMA weights and the config into `out` (rank 0).
+fn save_weights(trainer: &Trainer, out: &std::path::Path, cfg: &Config) -> Result<()> {
+    let (m, _) = trainer.model();
+    let (e, _) = trainer.ema_model();
+    Ok(save_weights_dir(out, cfg, m, e)?)
+}
+
 /// Trains from `trainer.global_step()` to `train.total_steps`.
 pub fn train(
     trainer: &mut Trainer,
@@ -133,9 +140,7 @@ pub fn train(
     if start >= total {
         if lead {
             // Nothing to train: the weights of the finished state still go to `out`.
-            let (m, _) = trainer.model();
-            let (e, _) = trainer.ema_model();
-            save_weights_dir(&out, cfg, m, e)?;
+            save_weights(trainer, &out, cfg)?;
         }
         outcome.cursor = cursor;
         return Ok(outcome);
@@ -170,6 +175,7 @@ pub fn train(
     // Each rank counts only its own skipped samples, so with several ranks the loader's
     // "every sample is bad" check cannot see a dataset that is bad throughout: global
     // batches that are all empty for a whole epoch's worth of samples stop the run instead.
+    // (One process keeps the loader's own check.)
     let mut empty_in_a_row = 0usize;
     while done < total {
         if let Some(reason) = observer.stop_reason() {
@@ -181,21 +187,11 @@ pub fn train(
         let b = loader.next_batch()?;
         cursor = b.cursor.clone();
         let examples = b.indices.len();
-        let stats = match ranks.as_mut() {
-            None => {
-                // A batch whose every sample was skipped as undecodable
-                // (data.on_bad_sample = "skip") is passed over; the cursor moves past it.
-                if examples == 0 {
-                    tracing::warn!(
-                        epoch = cursor.epoch,
-                        position = cursor.position,
-                        "a batch had no decodable sample; taking the next"
-                    );
-                    continue;
-                }
-                window_global += examples as u64;
-                trainer.step(&b.images)?
-            }
+        // The step's statistics and its examples over every rank; None when the (global)
+        // batch had no decodable sample.
+        let stepped = match ranks.as_mut() {
+            None if examples == 0 => None,
+            None => Some((trainer.step(&b.images)?, examples as u64)),
             Some(r) => {
                 // Every rank joins the all-reduce, also with no examples (it adds zeroes).
                 let loss = if examples > 0 {
@@ -215,25 +211,32 @@ pub fn train(
                     done + 1,
                     avg.loss
                 );
-                if avg.examples == 0 {
-                    empty_in_a_row += 1;
-                    ensure!(
-                        empty_in_a_row * global < data_len,
-                        "{empty_in_a_row} global batches in a row ({} samples, the dataset has {data_len}) had no decodable sample: the data is unreadable (see the skipped samples above)",
-                        empty_in_a_row * global
-                    );
-                    tracing::warn!(
-                        epoch = cursor.epoch,
-                        position = cursor.position,
-                        "a global batch had no decodable sample; taking the next"
-                    );
-                    continue;
-                }
-                empty_in_a_row = 0;
-                window_global += avg.examples;
-                trainer.apply_update(Tensor::from(avg.loss as f32))
+                (avg.examples > 0).then(|| {
+                    (
+                        trainer.apply_update(Tensor::from(avg.loss as f32)),
+                        avg.examples,
+                    )
+                })
             }
         };
+        // A batch whose every sample was skipped as undecodable (data.on_bad_sample =
+        // "skip") is passed over; the cursor moves past it.
+        let Some((stats, global_examples)) = stepped else {
+            empty_in_a_row += 1;
+            ensure!(
+                ranks.is_none() || empty_in_a_row * global < data_len,
+                "{empty_in_a_row} global batches in a row ({} samples, the dataset has {data_len}) had no decodable sample: the data is unreadable (see the skipped samples above)",
+                empty_in_a_row * global
+            );
+            tracing::warn!(
+                epoch = cursor.epoch,
+                position = cursor.position,
+                "a batch had no decodable sample; taking the next"
+            );
+            continue;
+        };
+        empty_in_a_row = 0;
+        window_global += global_examples;
         window_images += examples;
         done += 1;
         observer.stepped(done);
@@ -287,17 +290,13 @@ pub fn train(
         }
         let snap = cfg.train.snapshot_every as u64;
         if lead && snap > 0 && done.is_multiple_of(snap) && done != total {
-            let (m, _) = trainer.model();
-            let (e, _) = trainer.ema_model();
-            save_weights_dir(&out, cfg, m, e)?;
+            save_weights(trainer, &out, cfg)?;
         }
     }
     // Stop the loader's threads and drop its shard cache before the caller samples or exits.
     drop(loader);
     if lead {
-        let (m, _) = trainer.model();
-        let (e, _) = trainer.ema_model();
-        save_weights_dir(&out, cfg, m, e)?;
+        save_weights(trainer, &out, cfg)?;
         tracing::info!(dir = %out.display(), "wrote ema.safetensors, model.safetensors, config.toml");
     }
     outcome.cursor = cursor;

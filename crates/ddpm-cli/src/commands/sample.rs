@@ -139,7 +139,8 @@ fn open(m: &ModelArgs) -> Result<(Config, Device, UNet, GaussianDiffusion)> {
 }
 
 /// Writes a grid of `n` ancestral samples (Algorithm 2, all T steps, seeded with `seed`) of
-/// `net` to `png`: the closing picture of `ddpm train --sample-n` and `ddpm launch`.
+/// `net` to `png`: the closing picture of `ddpm train --sample-n` (`ddpm launch --sample-n`
+/// runs `ddpm sample` with the same settings in a child process).
 pub fn write_ancestral_grid(
     d: &GaussianDiffusion,
     net: &UNet,
