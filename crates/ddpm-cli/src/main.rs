@@ -36,6 +36,11 @@ enum Command {
     /// Preprocess a dataset (LSUN LMDB, image folder, CIFAR-10, IDX) once into shards in an
     /// object store; train from it with `data.source = "shards:URL"`.
     Prepare(commands::prepare::PrepareArgs),
+    /// Inception statistics (mu, sigma) of an image folder or dataset, as .npz or
+    /// .safetensors, for `ddpm fid`.
+    FidStats(commands::fid::FidStatsArgs),
+    /// FID between two inputs: statistics files, image folders or datasets, in any mix.
+    Fid(commands::fid::FidArgs),
     /// Checkpoints in object storage: ls, inspect, verify, export.
     #[command(subcommand)]
     Ckpt(commands::ckpt::CkptCommand),
@@ -77,5 +82,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => commands::convert::run(a),
         Command::Ckpt(c) => commands::ckpt::run(c),
         Command::Prepare(a) => commands::prepare::run(a),
+        Command::FidStats(a) => commands::fid::run_stats(a),
+        Command::Fid(a) => commands::fid::run_fid(a),
     }
 }

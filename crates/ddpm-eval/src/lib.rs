@@ -1,10 +1,32 @@
 //! Sample-quality metrics of the paper (Ho et al. 2020, Table 1): FID and Inception Score,
 //! computed as the standard tools compute them.
+//!
+//! * [`preprocess`]: pixels to Inception input (299x299 "nv_bilinear" resize, TF range).
+//! * [`torchscript::FidInception`]: pool3 features from the TF Inception as TorchScript.
+//! * [`stats`]: mean and covariance accumulated in float64; `.npz` / `.safetensors` files.
+//! * [`frechet`]: the Frechet distance, stable for singular covariances.
+//! * [`score`]: the Inception Score over 10 splits.
+//! * [`images`]: image folders read as the reference tools read them.
+//! * [`pipeline::FeatureCollector`]: pixel batches in, statistics (and IS) out.
+
+pub mod frechet;
+pub mod images;
+pub mod pipeline;
+pub mod preprocess;
+pub mod score;
+pub mod stats;
+pub mod torchscript;
+
+pub use frechet::frechet_distance;
+pub use pipeline::{Classifier, Collected, FeatureCollector};
+pub use score::{inception_score, IS_SPLITS};
+pub use stats::{FeatureStats, StatsAccumulator};
+pub use torchscript::FidInception;
 
 /// Errors of the metrics: each names the file, tensor or statistic at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    /// A weights or statistics file could not be read or has the wrong content.
+    /// A weights, image or statistics file could not be read or has the wrong content.
     #[error("{path}: {reason}")]
     File {
         /// The file.

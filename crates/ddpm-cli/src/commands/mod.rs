@@ -3,6 +3,7 @@
 pub mod ckpt;
 pub mod convert;
 pub mod dataset;
+pub mod fid;
 pub mod inspect;
 pub mod launch;
 pub mod nll;
