@@ -114,6 +114,38 @@ impl Config {
         }
         c
     }
+
+    /// Undoes [`Config::redacted`] for a process that received a redacted config (a worker
+    /// or evaluator from the coordinator): every `<redacted>` store option is dropped, so
+    /// object_store reads it from the environment variable of the key in capitals, which must
+    /// be set; otherwise the error names the key and the variable (`env` looks variables up).
+    pub fn restore_redacted(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        for (section, options) in [
+            ("checkpoint", &mut self.checkpoint.options),
+            ("data", &mut self.data.options),
+        ] {
+            let redacted: Vec<String> = options
+                .iter()
+                .filter(|(_, v)| *v == "<redacted>")
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in redacted {
+                let var = key.to_ascii_uppercase();
+                if env(&var).is_none() {
+                    return Err(ConfigError::Invalid {
+                        origin: "received from the coordinator".into(),
+                        key: format!("{section}.options.{key}"),
+                        reason: format!("the coordinator does not send credential-like options (it redacts them); set {var} in this process's environment"),
+                    });
+                }
+                options.remove(&key);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -141,3 +141,31 @@ fn rank_rows_partition_a_global_batch_into_near_equal_shares() {
     }
     assert_eq!(crate::rank_rows(8, 3, 1), 2..5);
 }
+
+#[test]
+fn redacted_options_come_from_the_environment_or_are_named() {
+    let mut cfg = Config::default();
+    cfg.checkpoint.options = std::collections::BTreeMap::from([
+        (
+            "aws_endpoint".to_string(),
+            "http://127.0.0.1:9000".to_string(),
+        ),
+        ("aws_secret_access_key".to_string(), "s3cr3t".to_string()),
+    ]);
+    let sent = cfg.redacted();
+    let none = |_: &str| None;
+    let err = sent.clone().restore_redacted(none).unwrap_err().to_string();
+    assert!(
+        err.contains("checkpoint.options.aws_secret_access_key")
+            && err.contains("set AWS_SECRET_ACCESS_KEY"),
+        "{err}"
+    );
+    let set = |v: &str| (v == "AWS_SECRET_ACCESS_KEY").then(|| "s3cr3t".to_string());
+    let mut got = sent;
+    got.restore_redacted(set).unwrap();
+    assert_eq!(
+        got.checkpoint.options.keys().collect::<Vec<_>>(),
+        ["aws_endpoint"],
+        "the redacted key is dropped (object_store reads the variable), the rest kept"
+    );
+}

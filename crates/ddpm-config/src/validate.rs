@@ -1,6 +1,6 @@
 //! Value checks that the type system does not express. Each failure names its key.
 
-use crate::{Config, LossKind, VarType};
+use crate::{Config, LossKind, SamplerKind, VarType};
 
 type Check = Result<(), (String, String)>;
 
@@ -234,6 +234,31 @@ impl Config {
         }
         finite_in("sample.eta", s.eta, 0.0, 1e3, false)?;
         at_least("sample.batch_size", s.batch_size, 1)?;
+
+        let e = &self.eval;
+        at_least("eval.every_steps", e.every_steps, 0)?;
+        at_least("eval.num_samples", e.num_samples, 2)?;
+        if e.sampler == SamplerKind::Ddim && (e.steps < 1 || e.steps > f.num_timesteps) {
+            return fail(
+                "eval.steps",
+                format!(
+                    "expected 1..=diffusion.num_timesteps ({}), got {}",
+                    f.num_timesteps, e.steps
+                ),
+            );
+        }
+        finite_in("eval.eta", e.eta, 0.0, 1e3, false)?;
+        at_least("eval.batch_size", e.batch_size, 1)?;
+        if e.grid < 0 || e.grid > e.num_samples {
+            return fail(
+                "eval.grid",
+                format!(
+                    "expected 0..=eval.num_samples ({}), got {}",
+                    e.num_samples, e.grid
+                ),
+            );
+        }
+        at_least("eval.poll_secs", e.poll_secs, 1)?;
         Ok(())
     }
 }

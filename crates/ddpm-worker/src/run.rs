@@ -49,39 +49,12 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Drops the store options of `[section.options]` that the coordinator sent redacted, each
-/// of which this process's environment must then supply (object_store reads `AWS_*`,
-/// `GOOGLE_*` and `AZURE_*` variables named like the keys): a redacted key without its
-/// variable would silently run with other store settings than configured.
-fn drop_redacted(
-    options: &mut std::collections::BTreeMap<String, String>,
-    section: &str,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<()> {
-    let redacted: Vec<String> = options
-        .iter()
-        .filter(|(_, v)| *v == "<redacted>")
-        .map(|(k, _)| k.clone())
-        .collect();
-    for key in redacted {
-        let var = key.to_ascii_uppercase();
-        ensure!(
-            env(&var).is_some(),
-            "[{section}.options] {key}: the coordinator does not send credential-like options (it redacts them); set {var} in this worker's environment"
-        );
-        tracing::info!(key = %key, variable = %var, "store option redacted by the coordinator; taken from this process's environment");
-        options.remove(&key);
-    }
-    Ok(())
-}
-
 /// The resolved config the coordinator handed out, with credential-like store options taken
-/// from this process's environment ([`drop_redacted`]).
+/// from this process's environment ([`Config::restore_redacted`]).
 fn received_config(joined: &Joined, o: &WorkerOptions) -> Result<Config> {
     let mut cfg = Config::parse(&joined.config_toml, "the config from the coordinator")?;
     let env = |v: &str| std::env::var(v).ok();
-    drop_redacted(&mut cfg.checkpoint.options, "checkpoint", env)?;
-    drop_redacted(&mut cfg.data.options, "data", env)?;
+    cfg.restore_redacted(env)?;
     if let Some(t) = o.threads {
         cfg.train.threads = t;
     }
@@ -350,39 +323,4 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     let state = link.report_and_wait(final_report)?;
     tracing::info!(step, state = ?state, "done");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::drop_redacted;
-
-    #[test]
-    fn redacted_options_come_from_the_environment_or_are_named() {
-        let mut opts = std::collections::BTreeMap::from([
-            (
-                "aws_endpoint".to_string(),
-                "http://127.0.0.1:9000".to_string(),
-            ),
-            (
-                "aws_secret_access_key".to_string(),
-                "<redacted>".to_string(),
-            ),
-        ]);
-        let none = |_: &str| None;
-        let err = drop_redacted(&mut opts.clone(), "checkpoint", none)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("[checkpoint.options] aws_secret_access_key")
-                && err.contains("set AWS_SECRET_ACCESS_KEY"),
-            "{err}"
-        );
-        let set = |v: &str| (v == "AWS_SECRET_ACCESS_KEY").then(|| "s3cr3t".to_string());
-        drop_redacted(&mut opts, "checkpoint", set).unwrap();
-        assert_eq!(
-            opts.keys().collect::<Vec<_>>(),
-            ["aws_endpoint"],
-            "the redacted key is dropped (object_store reads the variable), the rest kept"
-        );
-    }
 }
