@@ -282,7 +282,7 @@ impl CoordinatorService {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    /// Admits a worker (evaluators are refused for now). The response carries the
+    /// Admits a worker, or hands an evaluator the config (it joins nothing). The response carries the
     /// rendezvous only once every rank is present; a waiting worker registers again (same
     /// member id, same rank) until it does.
     #[tracing::instrument(name = "register", skip_all, fields(
@@ -300,9 +300,18 @@ impl Coordinator for CoordinatorService {
         match v1::Role::try_from(r.role) {
             Ok(v1::Role::Worker) => {}
             Ok(v1::Role::Evaluator) => {
-                return Err(Status::failed_precondition(
-                    "evaluators are not supported by this coordinator yet",
-                ))
+                // An evaluator only reads checkpoints: it gets the resolved config and the
+                // run's shape, holds no rank, and never joins (or changes) the membership.
+                tracing::info!(member_id = %r.member_id, host = %r.host, device = %r.device, "evaluator connected");
+                let st = self.lock();
+                return Ok(Response::new(v1::RegisterResponse {
+                    rank: 0,
+                    world_size: st.membership.world_size(),
+                    generation: st.membership.generation(),
+                    rendezvous: None,
+                    config_toml: self.shared.config_toml.clone(),
+                    lease_millis: self.shared.lease_millis,
+                }));
             }
             _ => {
                 return Err(Status::invalid_argument(format!(

@@ -73,19 +73,16 @@ fn report(rank: u32, generation: u64, step: u64) -> Request<v1::ProgressReport> 
 }
 
 #[tokio::test]
-async fn evaluators_and_duplicate_ranks_are_refused_changing_nothing() {
+async fn evaluators_get_the_config_without_joining_and_duplicate_ranks_are_refused() {
     // Another protocol version: ddpm_proto's check_version, through the real binary in
     // tests/service.rs.
     let Run { svc, .. } = run(2, 4, 3, "tcp");
+    let before = status(&svc).await;
     let mut eval = join("e", None);
     eval.get_mut().role = v1::Role::Evaluator.into();
-    let s = svc.register(eval).await.unwrap_err();
-    assert_eq!(s.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        s.message().contains("evaluators are not supported"),
-        "{}",
-        s.message()
-    );
+    let e = svc.register(eval).await.unwrap().into_inner();
+    assert!(e.rendezvous.is_none() && e.config_toml.contains("world_size = 2"));
+    assert_eq!(status(&svc).await, before, "an evaluator changes no membership");
 
     let a = svc.register(join("a", Some(1))).await.unwrap().into_inner();
     assert_eq!((a.rank, a.world_size, a.generation), (1, 2, 1));
