@@ -78,6 +78,12 @@ impl CheckpointStore {
         &self.store
     }
 
+    /// The key of `name` in the run's folder `dir` beside its checkpoints (e.g. the
+    /// evaluator's `eval/step-<N>.json`), which checkpoint listing and retention ignore.
+    pub fn run_object(&self, dir: &str, name: &str) -> Path {
+        self.run_dir().join(dir).join(name)
+    }
+
     pub(crate) fn run_dir(&self) -> Path {
         self.prefix.clone().join(self.run.as_str())
     }
