@@ -1,6 +1,8 @@
 //! Sample-quality metrics of the paper (Ho et al. 2020, Table 1): FID and Inception Score,
 //! computed as the standard tools compute them.
 
+pub mod inception_v3;
+
 /// Errors of the metrics: each names the file, tensor or statistic at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
