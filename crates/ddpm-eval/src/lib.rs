@@ -6,11 +6,14 @@
 //! * [`stats`]: mean and covariance accumulated in float64; `.npz` / `.safetensors` files.
 //! * [`frechet`]: the Frechet distance, stable for singular covariances.
 //! * [`score`]: the Inception Score over 10 splits.
+//! * [`inception_v3::InceptionV3`]: pytorch-fid's Inception-v3 with its 1008-class head,
+//!   from pytorch-fid's `pt_inception-2015-12-05` weights, for the Inception Score.
 //! * [`images`]: image folders read as the reference tools read them.
 //! * [`pipeline::FeatureCollector`]: pixel batches in, statistics (and IS) out.
 
 pub mod frechet;
 pub mod images;
+pub mod inception_v3;
 pub mod pipeline;
 pub mod preprocess;
 pub mod score;
@@ -18,6 +21,7 @@ pub mod stats;
 pub mod torchscript;
 
 pub use frechet::frechet_distance;
+pub use inception_v3::InceptionV3;
 pub use pipeline::{Classifier, Collected, FeatureCollector};
 pub use score::{inception_score, IS_SPLITS};
 pub use stats::{FeatureStats, StatsAccumulator};

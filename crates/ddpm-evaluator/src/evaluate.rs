@@ -7,7 +7,9 @@ use ddpm_config::{Config, SamplerKind};
 use ddpm_diffusion::GaussianDiffusion;
 use ddpm_eval::images::{list_images, load_rgb};
 use ddpm_eval::preprocess::samples_to_pixels;
-use ddpm_eval::{frechet_distance, FeatureCollector, FeatureStats, FidInception};
+use ddpm_eval::{
+    frechet_distance, FeatureCollector, FeatureStats, FidInception, InceptionV3, IS_SPLITS,
+};
 use ddpm_trainer::state::EMA_BLOB;
 use object_store::{ObjectStoreExt, PutPayload};
 use std::path::{Path, PathBuf};
@@ -41,6 +43,7 @@ pub struct Evaluator {
     rt: tokio::runtime::Runtime,
     device: Device,
     fid: FidInception,
+    classifier: Option<InceptionV3>,
     reference: FeatureStats,
     diffusion: GaussianDiffusion,
     stop: Arc<AtomicBool>,
@@ -94,6 +97,18 @@ impl Evaluator {
                 ),
             ));
         }
+        let classifier = match cfg.eval.is_weights.as_str() {
+            "" => None,
+            p => {
+                if cfg.eval.num_samples < IS_SPLITS {
+                    return Err(config_err(
+                        "eval.num_samples",
+                        format!("the Inception Score (eval.is_weights is set) needs at least {IS_SPLITS} samples, got {}", cfg.eval.num_samples),
+                    ));
+                }
+                Some(InceptionV3::load(Path::new(p), device)?)
+            }
+        };
         let diffusion = GaussianDiffusion::new(&cfg.diffusion, device)
             .map_err(|e| config_err("diffusion", e.to_string()))?;
         Ok(Self {
@@ -102,6 +117,7 @@ impl Evaluator {
             rt,
             device,
             fid,
+            classifier,
             reference,
             diffusion,
             stop,

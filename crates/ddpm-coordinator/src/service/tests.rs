@@ -82,7 +82,11 @@ async fn evaluators_get_the_config_without_joining_and_duplicate_ranks_are_refus
     eval.get_mut().role = v1::Role::Evaluator.into();
     let e = svc.register(eval).await.unwrap().into_inner();
     assert!(e.rendezvous.is_none() && e.config_toml.contains("world_size = 2"));
-    assert_eq!(status(&svc).await, before, "an evaluator changes no membership");
+    assert_eq!(
+        status(&svc).await,
+        before,
+        "an evaluator changes no membership"
+    );
 
     let a = svc.register(join("a", Some(1))).await.unwrap().into_inner();
     assert_eq!((a.rank, a.world_size, a.generation), (1, 2, 1));
