@@ -177,6 +177,9 @@ impl Evaluator {
         let [c, r] = [self.cfg.data.channels, self.cfg.data.resolution];
         let mut collector =
             FeatureCollector::new(&self.fid, e.batch_size, &format!("samples of step {step}"));
+        if let Some(c) = &self.classifier {
+            collector = collector.with_classifier(c);
+        }
         let mut grid: Vec<Tensor> = Vec::new();
         let mut grid_len = 0;
         let dump =
