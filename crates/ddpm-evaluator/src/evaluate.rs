@@ -148,6 +148,15 @@ impl Evaluator {
         Ok(out)
     }
 
+    /// The newest committed step, if any.
+    pub fn newest_committed(&self) -> Result<Option<u64>> {
+        Ok(self
+            .rt
+            .block_on(self.store.committed_steps())?
+            .last()
+            .copied())
+    }
+
     fn result_key(&self, step: u64, ext: &str) -> object_store::path::Path {
         self.store
             .run_object(EVAL_DIR, &format!("step-{step}.{ext}"))

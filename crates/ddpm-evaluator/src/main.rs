@@ -1,9 +1,10 @@
 //! `evaluator`: FID and Inception Score of a run's committed checkpoints.
 //!
-//! `evaluator --config F` reads the run from a config file; `evaluator --coordinator URL`
-//! gets the resolved config from the run's coordinator (credential-like store options from
-//! this process's environment) and exits once the run has finished and every due checkpoint
-//! is evaluated. `--once STEP` evaluates one checkpoint and exits.
+//! `evaluator --config F` reads the run from a config file and watches until stopped;
+//! `evaluator --coordinator URL` gets the resolved config from the run's coordinator
+//! (credential-like store options from this process's environment) and exits once the run
+//! is over (the coordinator says so or, with the coordinator gone, the final checkpoint at
+//! train.total_steps is committed) and every due checkpoint is evaluated. `--once STEP` evaluates one checkpoint and exits.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -168,7 +169,15 @@ fn run(a: Args) -> Result<()> {
     loop {
         // The run's state is read before the listing, so a run that finished is only left
         // once the checkpoints it had committed by then are all evaluated.
-        let over = coordinator.as_mut().and_then(|c| c.run_over());
+        let over = match coordinator.as_mut() {
+            None => None,
+            // A coordinator that is gone (it exits shortly after the run finishes) leaves
+            // the store to tell: the final checkpoint is committed at train.total_steps.
+            Some(c) => c.run_over().or_else(|| {
+                let newest = evaluator.newest_committed().ok().flatten();
+                Some(newest.is_some_and(|s| s >= cfg.train.total_steps as u64))
+            }),
+        };
         let due: Vec<u64> = evaluator
             .due()?
             .into_iter()

@@ -1,5 +1,6 @@
-//! `ddpm launch`: a whole distributed run on this host — the coordinator and N workers as
-//! child processes, their logs prefixed with role and rank, all stopped together.
+//! `ddpm launch`: a whole distributed run on this host — the coordinator, N workers and
+//! (when the config sets `eval.reference`) the evaluator as child processes, their logs
+//! prefixed with role and rank, all stopped together.
 
 use super::load_config;
 use anyhow::{bail, Context, Result};
@@ -32,6 +33,9 @@ pub struct LaunchArgs {
     /// (`ddpm sample`, ancestral, all T steps, seeded with run.seed).
     #[arg(long, default_value_t = 0)]
     pub sample_n: i64,
+    /// Do not start the evaluator even though the config sets `eval.reference`.
+    #[arg(long)]
+    pub no_eval: bool,
     /// Where the coordinator listens (port 0: a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
@@ -188,7 +192,11 @@ fn supervise(procs: &mut [Proc], coordinator_first: bool, interrupted: &AtomicBo
         if procs.iter().all(|p| p.status.is_some()) {
             break None;
         }
-        if coordinator_first && procs[1..].iter().all(|p| p.status.is_some()) {
+        let workers = procs
+            .iter()
+            .skip(1)
+            .filter(|p| p.name.starts_with("worker"));
+        if coordinator_first && workers.clone().all(|p| p.status.is_some()) {
             let since = *workers_done.get_or_insert_with(Instant::now);
             if since.elapsed() > COORDINATOR_GRACE {
                 break Some(format!(
@@ -270,6 +278,23 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             cmd.args(["--threads", &t.to_string()]);
         }
         match spawn(&format!("worker {rank}"), &mut cmd, false) {
+            Ok(p) => procs.push(p),
+            Err(e) => {
+                procs.iter_mut().for_each(Proc::stop);
+                return Err(e);
+            }
+        }
+    }
+    if !cfg.eval.reference.is_empty() && !a.no_eval {
+        // It evaluates checkpoints as they are committed and exits once the run is over and
+        // every due checkpoint has its result.
+        let mut cmd = Command::new(sibling("evaluator")?);
+        cmd.args(["--coordinator", &format!("http://{addr}")])
+            .args(["--device", if cuda { "cuda:0" } else { "cpu" }]);
+        if !cuda {
+            cmd.args(["--threads", "1"]);
+        }
+        match spawn("evaluator", &mut cmd, false) {
             Ok(p) => procs.push(p),
             Err(e) => {
                 procs.iter_mut().for_each(Proc::stop);
