@@ -334,8 +334,13 @@ fn a_launched_run_with_eval_reference_has_its_final_checkpoint_evaluated() {
     .unwrap()
     .write(&reference)
     .unwrap();
-    let inception = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/inception/default_1.pt");
-    assert!(inception.is_file(), "{} is missing: run `make test-tools`", inception.display());
+    let inception =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/inception/default_1.pt");
+    assert!(
+        inception.is_file(),
+        "{} is missing: run `make test-tools`",
+        inception.display()
+    );
     let mut text = std::fs::read_to_string(&file).unwrap();
     text.push_str(&format!(
         "[eval]\nreference = \"{}\"\ninception = \"{}\"\nnum_samples = 10\nbatch_size = 5\n\
@@ -352,5 +357,8 @@ fn a_launched_run_with_eval_reference_has_its_final_checkpoint_evaluated() {
     .unwrap();
     assert_eq!(result["n"], 10, "{result}");
     assert!(result["fid"].as_f64().unwrap().is_finite(), "{result}");
-    assert!(result["is_mean"].is_null(), "no eval.is_weights, no IS: {result}");
+    assert!(
+        result["is_mean"].is_null(),
+        "no eval.is_weights, no IS: {result}"
+    );
 }
