@@ -121,7 +121,10 @@ fn describe_metrics() {
         metrics::Unit::Seconds,
         "Time in the gradient all-reduce of one step on this rank."
     );
-    metrics::describe_gauge!("ddpm_train_loss", "Training loss of the last logged step, per rank.");
+    metrics::describe_gauge!(
+        "ddpm_train_loss",
+        "Training loss of the last logged step, per rank."
+    );
     metrics::describe_gauge!(
         "ddpm_train_images_per_second",
         "This rank's images per second over the last logged window."
