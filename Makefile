@@ -60,10 +60,12 @@ $(K8S_STAMP):
 	touch $@
 
 ## check-deploy: promtool checks and unit tests of the alerting rules, the Grafana dashboard's
-## queries, and every kustomization of deploy/k8s rendered and validated against the
-## Kubernetes schemas (deploy/check.py)
-check-deploy: test-tools
-	.tools/k8s/bin/python deploy/check.py
+## queries, every kustomization of deploy/k8s rendered and validated against the
+## Kubernetes schemas, and the flags the manifests pass checked against the binaries
+## (deploy/check.py)
+check-deploy: test-tools libtorch
+	$(CARGO) test --workspace --locked --no-run
+	.tools/k8s/bin/python deploy/check.py --bin-dir "$${CARGO_TARGET_DIR:-target}/debug"
 
 $(PHOTOS_STAMP):
 	rm -rf .tools/photos .tools/wheels

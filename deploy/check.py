@@ -15,8 +15,11 @@
    checked for consistency: the worker replicas equal the coordinator's world size, the
    config the pods name is in the ConfigMap, and every PodMonitor selects pods with a port
    named as its endpoint.
+5. Flags: every --flag that a rendered container passes to `coordinator`, `worker` or
+   `evaluator` is one that binary's --help lists (binaries from --bin-dir; one that is not
+   built there is named as unchecked).
 
-Usage: check.py [--promtool P] [--validator V] [--kubectl K]
+Usage: check.py [--promtool P] [--validator V] [--kubectl K] [--bin-dir DIR]
 """
 
 import argparse
@@ -281,11 +284,41 @@ def check_consistency(where, objs):
                 raise Failed(f"{where}: PodMonitor {pm['metadata']['name']}: jobLabel {job} is not a label of {p['metadata']['name']}")
 
 
-def check_kubernetes(kubectl, validator):
+def container_flags(objs):
+    """{binary: {flags}} over every rendered container."""
+    flags = {}
+    for o in objs:
+        if o["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        for c in o["spec"]["template"]["spec"]["containers"]:
+            binary = c.get("command", [""])[0]
+            flags.setdefault(binary, set()).update(a for a in c.get("args", []) if a.startswith("--"))
+    return flags
+
+
+def check_flags(flags, bin_dir):
+    unchecked = []
+    for binary, used in sorted(flags.items()):
+        exe = pathlib.Path(bin_dir) / binary
+        if not exe.exists():
+            unchecked.append(binary)
+            continue
+        help_text = run([str(exe), "--help"])
+        known = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
+        missing = sorted(used - known)
+        if missing:
+            raise Failed(f"the manifests pass {missing} to {binary}, whose --help does not list them")
+        print(f"  flags of {binary}: {len(used)} used, all in its --help")
+    for binary in unchecked:
+        print(f"  flags of {binary}: NOT CHECKED ({pathlib.Path(bin_dir) / binary} is not built)")
+
+
+def check_kubernetes(kubectl, validator, bin_dir):
     dirs = kustomizations()
     if not any(d.name == "base" for d in dirs) or not any(d.parent.name == "overlays" for d in dirs):
         raise Failed(f"expected deploy/k8s/base and overlays, found {[str(d) for d in dirs]}")
     checked = 0
+    flags = {}
     with tempfile.TemporaryDirectory() as tmp:
         for d in dirs:
             where = str(d.relative_to(ROOT))
@@ -299,8 +332,11 @@ def check_kubernetes(kubectl, validator):
             for version in KUBERNETES_VERSIONS:
                 run([validator, "--strict", "--quiet", "-k", version, str(out)])
             check_consistency(where, objs)
+            for binary, used in container_flags(objs).items():
+                flags.setdefault(binary, set()).update(used)
             print(f"  {where}: {len(objs)} objects rendered and valid")
             checked += 1
+    check_flags(flags, bin_dir)
     return checked
 
 
@@ -309,6 +345,7 @@ def main():
     ap.add_argument("--promtool", default=str(ROOT / ".tools/prometheus/bin/promtool"))
     ap.add_argument("--validator", default=str(ROOT / ".tools/k8s/bin/kubernetes-validate"))
     ap.add_argument("--kubectl", default=None)
+    ap.add_argument("--bin-dir", default=str(ROOT / "target" / "debug"))
     a = ap.parse_args()
     kubectl = a.kubectl or shutil.which("kubectl") or str(ROOT / ".tools/k8s/bin/kubectl")
     for tool in (a.promtool, a.validator, kubectl):
@@ -322,7 +359,7 @@ def main():
         print(f"  grafana: {dashboards} dashboard(s), {len(dashboard_exprs)} queries parse")
         check_metric_names(rule_expressions(), dashboard_exprs)
         print("  metric names: every ddpm_* name in rules and dashboards is exported")
-        k = check_kubernetes([kubectl], a.validator)
+        k = check_kubernetes([kubectl], a.validator, a.bin_dir)
     except (Failed, jsonschema.ValidationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
