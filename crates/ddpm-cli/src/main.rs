@@ -39,6 +39,9 @@ enum Command {
     /// Checkpoints in object storage: ls, inspect, verify, export.
     #[command(subcommand)]
     Ckpt(commands::ckpt::CkptCommand),
+    /// Where a distributed run stands: the run, its step and throughput, each worker, the
+    /// last checkpoint and FID (from the coordinator; --watch refreshes).
+    Status(commands::status::StatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,5 +80,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => commands::convert::run(a),
         Command::Ckpt(c) => commands::ckpt::run(c),
         Command::Prepare(a) => commands::prepare::run(a),
+        Command::Status(a) => commands::status::run(a),
     }
 }
