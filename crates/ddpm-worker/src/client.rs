@@ -90,7 +90,13 @@ impl CoordinatorLink {
             .context("starting the RPC runtime")?;
         let deadline = Instant::now() + patience;
         let endpoint = security
-            .endpoint(url)?
+            .endpoint(url)
+            .map_err(|e| match e {
+                ddpm_auth::AuthError::Url { reason, .. } => {
+                    WorkerError::Invalid(format!("--coordinator {url:?}: {reason}"))
+                }
+                other => other.into(),
+            })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(RPC_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(10))
