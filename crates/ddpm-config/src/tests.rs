@@ -58,6 +58,17 @@ fn invalid_values_name_their_key() {
             "[distributed]\nlisten = \"localhost\"\n",
             "distributed.listen",
         ),
+        (
+            "[auth]\ntoken_file = \"t\"\ntoken_env = \"T\"\n",
+            "auth.token_env",
+        ),
+        ("[auth]\ntoken_env = \"s3cr3t-value!\"\n", "auth.token_env"),
+        ("[tls]\ncert_file = \"c.pem\"\n", "tls.key_file"),
+        (
+            "[tls]\nclient_cert_file = \"c.pem\"\n",
+            "tls.client_key_file",
+        ),
+        ("[tls]\nclient_ca_file = \"ca.pem\"\n", "tls.client_ca_file"),
         ("[distributed]\nbucket_mb = 0\n", "distributed.bucket_mb"),
         ("[distributed]\nlease_secs = 0\n", "distributed.lease_secs"),
     ];
@@ -168,4 +179,24 @@ fn redacted_options_come_from_the_environment_or_are_named() {
         ["aws_endpoint"],
         "the redacted key is dropped (object_store reads the variable), the rest kept"
     );
+}
+
+#[test]
+fn the_token_itself_is_not_a_config_key() {
+    let err = Config::parse("[auth]\ntoken = \"s3cr3t\"\n", "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("token") && err.contains("token_file") && err.contains("x.toml"),
+        "{err}"
+    );
+    let ok = Config::parse(
+        "[auth]\ntoken_env = \"DDPM_AUTH_TOKEN\"\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\n",
+        "x.toml",
+    )
+    .unwrap();
+    assert_eq!(ok.auth.token_env, "DDPM_AUTH_TOKEN");
+    assert_eq!(ok.tls.client_ca_file, "ca.pem");
+    // Written out (checkpoint manifests, the config handed to workers) as it was: names only.
+    assert!(ok.to_toml().contains("token_env = \"DDPM_AUTH_TOKEN\""));
 }

@@ -24,6 +24,10 @@ pub struct Config {
     pub distributed: DistributedConfig,
     /// FID and Inception Score of committed checkpoints (`evaluator`).
     pub eval: EvalConfig,
+    /// The bearer token every RPC to the coordinator must carry (where to read it).
+    pub auth: AuthConfig,
+    /// TLS and mutual TLS on the coordinator's gRPC port (certificate paths).
+    pub tls: TlsConfig,
 }
 
 /// `[eval]`: what the `evaluator` computes for committed checkpoints.
@@ -80,6 +84,45 @@ impl Default for EvalConfig {
             seed: 0,
         }
     }
+}
+
+/// `[auth]`: where the coordinator (and `ddpm launch`, for its workers) reads the bearer
+/// token that every RPC must carry. The token itself never goes into a config: configs are
+/// handed to every worker and written into every checkpoint. With neither key set, the
+/// coordinator accepts any client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A file holding the token (surrounding whitespace is ignored), e.g. a mounted Secret.
+    pub token_file: String,
+    /// The name of an environment variable holding the token.
+    pub token_env: String,
+}
+
+/// `[tls]`: certificate files (PEM) for TLS on the coordinator's gRPC port. With
+/// `cert_file` and `key_file` the coordinator serves TLS only; with `client_ca_file` too it
+/// also requires a client certificate signed by one of those CAs (mutual TLS). The client
+/// keys are what `ddpm launch` gives the workers it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Coordinator: its certificate chain.
+    pub cert_file: String,
+    /// Coordinator: the private key of `cert_file`.
+    pub key_file: String,
+    /// Coordinator: CA certificates that sign client certificates; set, every client must
+    /// present one (mutual TLS).
+    pub client_ca_file: String,
+    /// Clients: CA certificates that sign the coordinator's certificate (default: the
+    /// system's roots).
+    pub ca_file: String,
+    /// Clients: their certificate chain, for mutual TLS.
+    pub client_cert_file: String,
+    /// Clients: the private key of `client_cert_file`.
+    pub client_key_file: String,
+    /// Clients: the name the coordinator's certificate must carry (default: the host of the
+    /// coordinator's URL).
+    pub server_name: String,
 }
 
 /// The collective that all-reduces the workers' gradients.

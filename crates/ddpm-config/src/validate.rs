@@ -222,6 +222,57 @@ impl Config {
         )?;
         at_least("distributed.lease_secs", dist.lease_secs, 1)?;
 
+        let a = &self.auth;
+        if !a.token_file.is_empty() && !a.token_env.is_empty() {
+            return fail(
+                "auth.token_env",
+                "expected one of auth.token_file and auth.token_env, not both",
+            );
+        }
+        let env_name = |v: &str| {
+            v.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        if !a.token_env.is_empty() && !env_name(&a.token_env) {
+            return fail(
+                "auth.token_env",
+                format!(
+                    "expected the name of an environment variable (letters, digits, '_'), got {:?}; the token itself never goes into the config",
+                    a.token_env
+                ),
+            );
+        }
+        let tls = &self.tls;
+        for (key, a, b, a_name, b_name) in [
+            (
+                "tls.key_file",
+                &tls.cert_file,
+                &tls.key_file,
+                "tls.cert_file",
+                "tls.key_file",
+            ),
+            (
+                "tls.client_key_file",
+                &tls.client_cert_file,
+                &tls.client_key_file,
+                "tls.client_cert_file",
+                "tls.client_key_file",
+            ),
+        ] {
+            if a.is_empty() != b.is_empty() {
+                return fail(
+                    key,
+                    format!("expected {a_name} and {b_name} together, or neither"),
+                );
+            }
+        }
+        if !tls.client_ca_file.is_empty() && tls.cert_file.is_empty() {
+            return fail(
+                "tls.client_ca_file",
+                "client certificates (mutual TLS) need TLS: set tls.cert_file and tls.key_file too",
+            );
+        }
+
         let s = &self.sample;
         if s.steps < 1 || s.steps > f.num_timesteps {
             return fail(

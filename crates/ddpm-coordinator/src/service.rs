@@ -10,12 +10,23 @@ use crate::CoordinatorError;
 use ddpm_checkpoint::CheckpointStore;
 use ddpm_config::{rank_rows, CollectiveBackend, Config};
 use ddpm_proto::v1::{self, coordinator_server::Coordinator};
+use object_store::ObjectStoreExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 /// How often [`CoordinatorService::expire_loop`] looks for lapsed leases.
 pub const EXPIRE_EVERY: Duration = Duration::from_millis(250);
+
+/// The largest request the coordinator decodes (every request is a few hundred bytes).
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// The longest `host`, `device`, `member_id` or `ring_address` a worker may register with.
+pub const MAX_FIELD_BYTES: usize = 256;
+
+/// How long [`CoordinatorService`] keeps the newest evaluation result it read from the
+/// store before it lists the store again (for `ddpm status --watch`).
+const EVAL_CACHE: Duration = Duration::from_secs(10);
 
 /// The coordinator of one run; cheap to clone (shared state).
 #[derive(Clone)]
@@ -38,15 +49,90 @@ struct Shared {
     /// across the store read so every rank of a generation gets the same plan.
     plan: tokio::sync::Mutex<(u64, Plan)>,
     finished: tokio::sync::watch::Sender<bool>,
+    /// Where evaluation results are (`<root>/<run>/eval/`), and the newest one read.
+    evals: Option<EvalResults>,
+}
+
+/// The evaluator's results in the run's store: `<root>/<run>/eval/step-<N>.json`.
+struct EvalResults {
+    store: std::sync::Arc<dyn object_store::ObjectStore>,
+    dir: object_store::path::Path,
+    cached: tokio::sync::Mutex<Option<(Instant, Option<v1::EvalSummary>)>>,
+}
+
+impl EvalResults {
+    /// The newest result, read again at most every [`EVAL_CACHE`]. A store that cannot be
+    /// listed or a result that does not parse is logged and reads as none: the status of
+    /// a run never fails for its evaluations.
+    async fn newest(&self) -> Option<v1::EvalSummary> {
+        let mut cached = self.cached.lock().await;
+        if let Some((at, last)) = cached.as_ref() {
+            if at.elapsed() < EVAL_CACHE {
+                return *last;
+            }
+        }
+        let newest = match self.read().await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(dir = %self.dir, error = %e, "no evaluation result read");
+                None
+            }
+        };
+        *cached = Some((Instant::now(), newest));
+        newest
+    }
+
+    async fn read(&self) -> Result<Option<v1::EvalSummary>, String> {
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&self.dir))
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some((step, path)) = listed
+            .objects
+            .iter()
+            .filter_map(|o| {
+                let name = o.location.filename()?;
+                let step = ddpm_checkpoint::parse_step_dir(name.strip_suffix(".json")?)?;
+                Some((step, o.location.clone()))
+            })
+            .max_by_key(|(step, _)| *step)
+        else {
+            return Ok(None);
+        };
+        let bytes = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| e.to_string())?
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{path}: {e}"))?;
+        let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+        let fid = num("fid").ok_or_else(|| format!("{path}: no number \"fid\""))?;
+        Ok(Some(v1::EvalSummary {
+            step,
+            fid,
+            is_mean: num("is_mean").unwrap_or(f64::NAN),
+            is_std: num("is_std").unwrap_or(f64::NAN),
+        }))
+    }
 }
 
 struct State {
     membership: Membership,
     last_checkpoint_step: u64,
+    /// The member id that last held each rank, to count replacements
+    /// (`ddpm_worker_restarts_total`).
+    last_holder: std::collections::BTreeMap<u32, String>,
     /// Where the plan of the current generation starts (for ranks that did not report yet).
     base_step: u64,
     /// The run's step when last computed (kept while no member is present).
     step: u64,
+    /// When the newest checkpoint notice arrived (Unix milliseconds; 0: none yet).
+    last_checkpoint_unix_millis: u64,
 }
 
 impl State {
@@ -98,20 +184,49 @@ fn describe_metrics() {
             "Share of step time spent waiting for data, per rank.",
         ),
         (
-            "ddpm_allreduce_seconds",
-            "Seconds in the gradient all-reduce per step, per rank.",
+            "ddpm_allreduce_window_seconds",
+            "Seconds in gradient all-reduces over the last logged window (train.log_every steps), per rank.",
         ),
         (
             "ddpm_checkpoint_last_step",
             "Step of the newest committed checkpoint.",
         ),
         (
+            "ddpm_checkpoint_last_timestamp_seconds",
+            "Unix time of the newest checkpoint notice (before the first: when the coordinator started).",
+        ),
+        (
+            "ddpm_checkpoint_every_steps",
+            "checkpoint.every_steps of the run (0: only at the end).",
+        ),
+        (
+            "ddpm_train_step_timestamp_seconds",
+            "Unix time at which ddpm_train_step last moved (before that: when the coordinator started).",
+        ),
+        ("ddpm_world_size", "Workers the run trains with."),
+        (
             "ddpm_run_finished",
             "1 once every rank reported the last step.",
         ),
+        ("ddpm_run_info", "1, labelled with the run's name."),
     ] {
         metrics::describe_gauge!(name, help);
     }
+    metrics::describe_counter!(
+        "ddpm_worker_restarts_total",
+        "A rank taken by another process than the one that held it before, per rank."
+    );
+    metrics::describe_counter!(
+        "ddpm_leases_expired_total",
+        "Workers dropped because their lease ran out."
+    );
+}
+
+/// Seconds since the Unix epoch, for `*_timestamp_seconds` gauges.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn set_gauge(name: &'static str, value: f64) {
@@ -141,12 +256,37 @@ impl CoordinatorService {
         set_gauge("ddpm_generation", generation as f64);
         set_gauge("ddpm_train_step", plan.start_step as f64);
         set_gauge("ddpm_checkpoint_last_step", plan.restore_step as f64);
+        set_gauge("ddpm_checkpoint_last_timestamp_seconds", unix_now());
+        set_gauge(
+            "ddpm_checkpoint_every_steps",
+            config.checkpoint.every_steps.max(0) as f64,
+        );
+        set_gauge("ddpm_train_step_timestamp_seconds", unix_now());
+        set_gauge("ddpm_world_size", f64::from(world));
         set_gauge("ddpm_run_finished", 0.0);
+        metrics::gauge!("ddpm_run_info", "run" => config.run.name.clone()).set(1.0);
+        metrics::counter!("ddpm_leases_expired_total").absolute(0);
         let state = State {
             membership,
             last_checkpoint_step: plan.restore_step,
+            last_holder: Default::default(),
             base_step: plan.start_step,
             step: plan.start_step,
+            last_checkpoint_unix_millis: 0,
+        };
+        let evals = match ddpm_checkpoint::open_url_with(
+            &config.checkpoint.url,
+            &config.checkpoint.options,
+        ) {
+            Ok((store, prefix)) => Some(EvalResults {
+                store,
+                dir: prefix.clone().join(config.run.name.as_str()).join("eval"),
+                cached: tokio::sync::Mutex::new(None),
+            }),
+            Err(e) => {
+                tracing::warn!(url = %config.checkpoint.url, error = %e, "evaluation results cannot be read from the checkpoint store");
+                None
+            }
         };
         Self {
             shared: Arc::new(Shared {
@@ -162,6 +302,7 @@ impl CoordinatorService {
                 state: Mutex::new(state),
                 plan: tokio::sync::Mutex::new((generation, plan)),
                 finished: tokio::sync::watch::channel(false).0,
+                evals,
             }),
         }
     }
@@ -205,6 +346,7 @@ impl CoordinatorService {
         if dropped.is_empty() {
             return;
         }
+        metrics::counter!("ddpm_leases_expired_total").increment(dropped.len() as u64);
         for m in &dropped {
             tracing::warn!(
                 rank = m.rank,
@@ -297,6 +439,19 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::RegisterResponse>, Status> {
         let r = request.into_inner();
         ddpm_proto::check_version(r.protocol_version)?;
+        for (field, value) in [
+            ("host", &r.host),
+            ("device", &r.device),
+            ("member_id", &r.member_id),
+            ("ring_address", &r.ring_address),
+        ] {
+            if value.len() > MAX_FIELD_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "RegisterRequest.{field}: {} bytes, expected at most {MAX_FIELD_BYTES}",
+                    value.len()
+                )));
+            }
+        }
         match v1::Role::try_from(r.role) {
             Ok(v1::Role::Worker) => {}
             Ok(v1::Role::Evaluator) => {
@@ -347,6 +502,11 @@ impl Coordinator for CoordinatorService {
             Status::from(e)
         })?;
         tracing::Span::current().record("rank", admission.rank);
+        let before = st.last_holder.insert(admission.rank, member_id.clone());
+        if before.is_some_and(|b| b != member_id) {
+            metrics::counter!("ddpm_worker_restarts_total", "rank" => admission.rank.to_string())
+                .increment(1);
+        }
         if !again {
             tracing::info!(
                 rank = admission.rank,
@@ -514,8 +674,12 @@ impl Coordinator for CoordinatorService {
         set_rank_gauge("ddpm_train_loss", r.rank, r.loss);
         set_rank_gauge("ddpm_train_images_per_second", r.rank, r.images_per_second);
         set_rank_gauge("ddpm_data_wait_fraction", r.rank, r.data_wait_fraction);
-        set_rank_gauge("ddpm_allreduce_seconds", r.rank, r.allreduce_seconds);
-        st.step = st.run_step();
+        set_rank_gauge("ddpm_allreduce_window_seconds", r.rank, r.allreduce_seconds);
+        let step = st.run_step();
+        if step != st.step {
+            set_gauge("ddpm_train_step_timestamp_seconds", unix_now());
+        }
+        st.step = step;
         set_gauge("ddpm_train_step", st.step as f64);
         tracing::debug!(
             loss = r.loss,
@@ -563,6 +727,11 @@ impl Coordinator for CoordinatorService {
         let mut st = self.lock();
         self.expire(&mut st, now);
         st.membership.holder(r.rank, r.generation)?;
+        if r.step > st.last_checkpoint_step || st.last_checkpoint_unix_millis == 0 {
+            let now = unix_now();
+            set_gauge("ddpm_checkpoint_last_timestamp_seconds", now);
+            st.last_checkpoint_unix_millis = (now * 1000.0) as u64;
+        }
         st.last_checkpoint_step = st.last_checkpoint_step.max(r.step);
         set_gauge("ddpm_checkpoint_last_step", st.last_checkpoint_step as f64);
         if r.url != self.shared.store_url {
@@ -576,11 +745,24 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(v1::CheckpointAck {}))
     }
 
-    /// The run and every member, for operators.
+    /// The run and every member, for operators (`ddpm status`), with the newest
+    /// evaluation result in the store.
+    #[tracing::instrument(name = "status", skip_all)]
     async fn status(
         &self,
         _request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        let mut response = self.status_now();
+        if let Some(e) = &self.shared.evals {
+            response.last_eval = e.newest().await;
+        }
+        Ok(Response::new(response))
+    }
+}
+
+impl CoordinatorService {
+    /// The run and its members as they are now.
+    fn status_now(&self) -> v1::StatusResponse {
         let now = Instant::now();
         let mut st = self.lock();
         self.expire(&mut st, now);
@@ -593,8 +775,9 @@ impl Coordinator for CoordinatorService {
             millis_since_heartbeat: now.saturating_duration_since(m.last_seen).as_millis() as u64,
             step: m.progress.as_ref().map_or(0, |p| p.step),
             images_per_second: m.progress.as_ref().map_or(0.0, |p| p.images_per_second),
+            loss: m.progress.as_ref().map_or(0.0, |p| p.loss),
         };
-        Ok(Response::new(v1::StatusResponse {
+        v1::StatusResponse {
             run_name: self.shared.run_name.clone(),
             state: run_state(st.membership.phase()).into(),
             world_size: st.membership.world_size(),
@@ -604,7 +787,14 @@ impl Coordinator for CoordinatorService {
             last_checkpoint_step: st.last_checkpoint_step,
             members: st.membership.members().map(member).collect(),
             protocol_version: ddpm_proto::PROTOCOL_VERSION,
-        }))
+            images_per_second: st
+                .membership
+                .members()
+                .filter_map(|m| m.progress.as_ref().map(|p| p.images_per_second))
+                .sum(),
+            last_checkpoint_unix_millis: st.last_checkpoint_unix_millis,
+            last_eval: None,
+        }
     }
 }
 

@@ -331,7 +331,7 @@ async fn a_two_rank_run_forms_trains_finishes_and_exits_0() -> Result<()> {
     let end = Instant::now() + DEADLINE;
     loop {
         let body = coord.scrape()?;
-        if body.contains("ddpm_workers_alive 2") {
+        if body.contains("ddpm_workers_alive{component=\"coordinator\"} 2") {
             break;
         }
         assert!(Instant::now() < end, "no ddpm_workers_alive 2 in\n{body}");
@@ -372,8 +372,14 @@ async fn a_two_rank_run_forms_trains_finishes_and_exits_0() -> Result<()> {
     let status = c.status(v1::StatusRequest {}).await?.into_inner();
     assert_eq!((status.state, status.step), (RunState::Finished as i32, 3));
     let body = coord.scrape()?;
-    assert!(body.contains("ddpm_run_finished 1"), "{body}");
-    assert!(body.contains("ddpm_train_loss{rank=\"1\"} 0.25"), "{body}");
+    assert!(
+        body.contains("ddpm_run_finished{component=\"coordinator\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("ddpm_train_loss{component=\"coordinator\",rank=\"1\"} 0.25"),
+        "{body}"
+    );
 
     drop(c);
     let exit = coord.wait_exit()?;

@@ -53,6 +53,9 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// The run's bearer token and TLS files, for --coordinator.
+    #[command(flatten)]
+    client: ddpm_auth::ClientArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,15 +74,16 @@ fn main() -> std::process::ExitCode {
 /// The coordinator of `--coordinator`, asked for the config and, between polls, the run state.
 struct Coordinator {
     rt: tokio::runtime::Runtime,
-    client: CoordinatorClient<tonic::transport::Channel>,
+    client: CoordinatorClient<ddpm_auth::AuthChannel>,
 }
 
 impl Coordinator {
-    fn connect(url: &str) -> Result<(Self, Config)> {
+    fn connect(url: &str, security: &ddpm_auth::ClientSecurity) -> Result<(Self, Config)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let endpoint = tonic::transport::Channel::from_shared(url.to_string())
+        let endpoint = security
+            .endpoint(url)
             .with_context(|| format!("--coordinator {url:?}"))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(20));
@@ -97,7 +101,8 @@ impl Coordinator {
                 }
             }
         };
-        let mut client = CoordinatorClient::new(channel);
+        let mut client = CoordinatorClient::new(security.authorize(channel))
+            .max_decoding_message_size(ddpm_auth::MAX_RESPONSE_BYTES);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let reply = rt
             .block_on(client.register(RegisterRequest {
@@ -148,7 +153,7 @@ fn run(a: Args) -> Result<()> {
     let (mut coordinator, cfg) = match (&a.config, &a.coordinator) {
         (Some(path), None) => (None, Config::from_file(path)?),
         (None, Some(url)) => {
-            let (c, cfg) = Coordinator::connect(url)?;
+            let (c, cfg) = Coordinator::connect(url, &a.client.security()?)?;
             (Some(c), cfg)
         }
         _ => bail!("give exactly one of --config and --coordinator"),

@@ -4,6 +4,7 @@
 //! reads the shared stop flag and queues reports.
 
 use crate::error::{Context, Result, WorkerError};
+use ddpm_auth::{AuthChannel, ClientSecurity};
 use ddpm_collective::AbortHandle;
 use ddpm_proto::v1::coordinator_client::CoordinatorClient;
 use ddpm_proto::v1::{
@@ -13,7 +14,6 @@ use ddpm_proto::v1::{
 use ddpm_proto::{Rendezvous, PROTOCOL_VERSION};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 /// Who this worker is, as it registers.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ type QueuedReport = (
 /// A connection to the coordinator and the tasks that keep this worker's lease.
 pub struct CoordinatorLink {
     rt: tokio::runtime::Runtime,
-    client: CoordinatorClient<Channel>,
+    client: CoordinatorClient<AuthChannel>,
     url: String,
     /// Why training must stop (set by the heartbeat task), if it must.
     stop: Arc<Mutex<Option<String>>>,
@@ -78,9 +78,10 @@ fn rpc(what: &str) -> impl FnOnce(tonic::Status) -> WorkerError + '_ {
 }
 
 impl CoordinatorLink {
-    /// Connects to `url` (http://host:port), retrying until `patience` has passed: the
-    /// coordinator may still be starting.
-    pub fn connect(url: &str, patience: Duration) -> Result<Self> {
+    /// Connects to `url` (http://host:port, or https:// for TLS), retrying until `patience`
+    /// has passed: the coordinator may still be starting. Every call carries the token of
+    /// `security`.
+    pub fn connect(url: &str, patience: Duration, security: &ClientSecurity) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("worker-rpc")
@@ -88,8 +89,14 @@ impl CoordinatorLink {
             .build()
             .context("starting the RPC runtime")?;
         let deadline = Instant::now() + patience;
-        let endpoint = Channel::from_shared(url.to_string())
-            .map_err(|e| WorkerError::Invalid(format!("--coordinator {url:?}: {e}")))?
+        let endpoint = security
+            .endpoint(url)
+            .map_err(|e| match e {
+                ddpm_auth::AuthError::Url { reason, .. } => {
+                    WorkerError::Invalid(format!("--coordinator {url:?}: {reason}"))
+                }
+                other => other.into(),
+            })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(RPC_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -108,7 +115,8 @@ impl CoordinatorLink {
                 }
             }
         };
-        let client = CoordinatorClient::new(channel);
+        let client = CoordinatorClient::new(security.authorize(channel))
+            .max_decoding_message_size(ddpm_auth::MAX_RESPONSE_BYTES);
         let (reports, mut queue) = tokio::sync::mpsc::unbounded_channel::<QueuedReport>();
         let mut reporter = client.clone();
         rt.spawn(async move {
@@ -271,7 +279,7 @@ impl CoordinatorLink {
 
     /// Sends a progress report after every queued one and waits for the answer (the final
     /// report).
-    pub fn report_and_wait(&mut self, report: ProgressReport) -> Result<RunState> {
+    pub fn report_and_wait(&self, report: ProgressReport) -> Result<RunState> {
         let gone = || WorkerError::Invalid("the progress reporter stopped".into());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.reports.send((report, Some(tx))).map_err(|_| gone())?;

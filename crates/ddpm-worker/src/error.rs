@@ -36,6 +36,9 @@ pub enum WorkerError {
     /// libtorch.
     #[error(transparent)]
     Tch(#[from] tch::TchError),
+    /// The token or TLS files to reach the coordinator with cannot be used.
+    #[error(transparent)]
+    Auth(#[from] ddpm_auth::AuthError),
     /// The coordinator refused a request or could not be reached.
     #[error("coordinator {what}: {status}")]
     Rpc {

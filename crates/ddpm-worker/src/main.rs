@@ -46,6 +46,8 @@ struct Args {
     /// Log lines as human-readable text or JSON.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    #[command(flatten)]
+    security: ddpm_auth::ClientArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,9 +68,12 @@ fn main() -> std::process::ExitCode {
 
 fn start(a: Args) -> anyhow::Result<()> {
     if let Some(addr) = a.metrics_listen {
-        let bound = ddpm_telemetry::serve_metrics(addr)?;
+        let bound = ddpm_telemetry::serve_component_metrics(addr, "worker")?;
         tracing::info!(%bound, "serving /metrics");
+        // Machine-readable, as the coordinator's: `ddpm launch` reads it.
+        println!("worker metrics on {bound}");
     }
+    let security = a.security.security()?;
     let device = ddpm_unet::device::resolve(&a.device)
         .map_err(|e| anyhow::anyhow!("--device {:?}: {e}", a.device))?;
     run(WorkerOptions {
@@ -81,6 +86,7 @@ fn start(a: Args) -> anyhow::Result<()> {
         threads: a.threads,
         out: a.out,
         connect_patience: Duration::from_secs(a.connect_timeout_secs),
+        security,
     })?;
     Ok(())
 }

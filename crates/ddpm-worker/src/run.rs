@@ -39,6 +39,8 @@ pub struct WorkerOptions {
     pub out: Option<PathBuf>,
     /// How long to keep trying to reach the coordinator.
     pub connect_patience: Duration,
+    /// The token and TLS files to reach the coordinator with.
+    pub security: ddpm_auth::ClientSecurity,
 }
 
 fn host_name() -> String {
@@ -107,6 +109,8 @@ struct Reporter<'a> {
     url: String,
     /// The last step: its report is sent after the final checkpoint is committed.
     total: u64,
+    /// The last progress report made.
+    last: Option<ProgressReport>,
 }
 
 impl Reporter<'_> {
@@ -147,17 +151,34 @@ impl LoopObserver for Reporter<'_> {
         metrics::gauge!("ddpm_train_loss", "rank" => rank.clone()).set(line.loss);
         metrics::gauge!("ddpm_train_images_per_second", "rank" => rank.clone())
             .set(line.images_per_second);
-        metrics::gauge!("ddpm_train_step", "rank" => rank.clone()).set(line.step as f64);
-        metrics::gauge!("ddpm_allreduce_seconds", "rank" => rank).set(line.allreduce_seconds);
+        metrics::gauge!("ddpm_train_step", "rank" => rank).set(line.step as f64);
         line.trace();
+        let report = report_of(self.joined, line);
+        self.last = Some(report);
         if line.step < self.total {
-            self.link.report(report_of(self.joined, line));
+            self.link.report(report);
         }
         self.notice_checkpoints();
     }
 
     fn stop_reason(&mut self) -> Option<String> {
         self.link.stop_reason()
+    }
+
+    /// The coordinator's copy of this rank's loss becomes the non-finite value too (it
+    /// outlives this process, so the NaN-loss alert fires), then the loop stops.
+    fn diverged(&mut self, step: u64, loss: f64) {
+        // The last report's throughput and cursor, so only the loss changes.
+        let mut report = self.last.unwrap_or(ProgressReport {
+            rank: self.joined.rank,
+            generation: self.joined.generation,
+            ..ProgressReport::default()
+        });
+        report.step = step;
+        report.loss = loss;
+        if let Err(e) = self.link.report_and_wait(report) {
+            tracing::warn!(error = %e, "the non-finite loss was not reported to the coordinator");
+        }
     }
 }
 
@@ -188,7 +209,7 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         member_id: format!("{host}:{}:{started}", std::process::id()),
         ring_address,
     };
-    let mut link = CoordinatorLink::connect(&o.coordinator, o.connect_patience)?;
+    let mut link = CoordinatorLink::connect(&o.coordinator, o.connect_patience, &o.security)?;
     tracing::info!(coordinator = %link.url(), ring = %me.ring_address, "registering");
     let joined = link.join(&me)?;
     link.keep_lease(&joined, &me.member_id);
@@ -267,6 +288,7 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         reported_checkpoint: None,
         url: checkpoints.url().to_string(),
         total: cfg.train.total_steps as u64,
+        last: None,
     };
     let outcome = train_loop::train(
         &mut trainer,

@@ -104,6 +104,39 @@ pub trait LoopObserver {
     fn stop_reason(&mut self) -> Option<String> {
         None
     }
+    /// The loss of the step after `step` is not finite: the loop stops with an error right
+    /// after this call (so that alerts can see the NaN before the process is gone).
+    fn diverged(&mut self, _step: u64, _loss: f64) {}
+}
+
+/// The HELP text of the loop's histograms and gauges.
+fn describe_metrics() {
+    metrics::describe_histogram!(
+        "ddpm_train_step_seconds",
+        metrics::Unit::Seconds,
+        "Wall time of one training step on this rank: waiting for data, compute and all-reduce."
+    );
+    metrics::describe_histogram!(
+        "ddpm_allreduce_seconds",
+        metrics::Unit::Seconds,
+        "Time in the gradient all-reduce of one step on this rank."
+    );
+    metrics::describe_gauge!(
+        "ddpm_train_loss",
+        "Training loss of the last logged step, per rank."
+    );
+    metrics::describe_gauge!(
+        "ddpm_train_images_per_second",
+        "This rank's images per second over the last logged window."
+    );
+    metrics::describe_gauge!("ddpm_train_step", "Completed updates, per rank.");
+}
+
+/// Records a non-finite loss in the loss gauge and tells the observer, before the error.
+fn diverged(observer: &mut dyn LoopObserver, rank: usize, step: u64, loss: f64) {
+    metrics::gauge!("ddpm_train_loss", "rank" => rank.to_string()).set(loss);
+    tracing::error!(loss, "the loss is not finite");
+    observer.diverged(step, loss);
 }
 
 /// Writes the model and EMA weights and the config into `out` (rank 0).
@@ -134,6 +167,8 @@ pub fn train(
         .as_ref()
         .map_or((1, 0), |r| (r.comm.world_size(), r.comm.rank()));
     let first_row = ddpm_config::rank_rows(global, world, rank).start as u64;
+    describe_metrics();
+    let rank_label = rank.to_string();
     let mut outcome = LoopOutcome::default();
     let start = trainer.global_step() as u64;
     let lead = rank == 0;
@@ -178,6 +213,9 @@ pub fn train(
     // (One process keeps the loader's own check.)
     let mut empty_in_a_row = 0usize;
     while done < total {
+        let step_span = tracing::info_span!("step", rank, step = done + 1);
+        let _in_step = step_span.enter();
+        let step_start = Instant::now();
         if let Some(reason) = observer.stop_reason() {
             return Err(crate::WorkerError::Invalid(format!(
                 "rank {rank} stopped before step {}: {reason}",
@@ -201,10 +239,16 @@ pub fn train(
                     let _ = trainer.gradients().zero_();
                     0.0
                 };
+                let reducing = Instant::now();
                 let avg =
                     r.exchange
                         .average(r.comm, &trainer.gradients(), loss, examples, done + 1)?;
+                metrics::histogram!("ddpm_allreduce_seconds", "rank" => rank_label.clone())
+                    .record(reducing.elapsed().as_secs_f64());
                 // Identical on every rank (all-reduced), so all stop together.
+                if !avg.loss.is_finite() {
+                    diverged(observer, rank, done, avg.loss);
+                }
                 ensure!(
                     avg.loss.is_finite(),
                     "step {}: the loss is {}; stopping (lower train.lr?)",
@@ -236,6 +280,8 @@ pub fn train(
             continue;
         };
         empty_in_a_row = 0;
+        metrics::histogram!("ddpm_train_step_seconds", "rank" => rank_label.clone())
+            .record(step_start.elapsed().as_secs_f64());
         window_global += global_examples;
         window_images += examples;
         done += 1;
@@ -256,6 +302,9 @@ pub fn train(
                 allreduce_seconds: (spent - window_allreduce).as_secs_f64(),
                 cursor: cursor.clone(),
             };
+            if !loss.is_finite() {
+                diverged(observer, rank, done - 1, loss);
+            }
             ensure!(
                 loss.is_finite(),
                 "step {done}: the loss is {loss}; stopping (lower train.lr?)"
@@ -280,6 +329,9 @@ pub fn train(
             if (every > 0 && done.is_multiple_of(every)) || done == total {
                 // Never checkpoint a diverged state that a resume would then continue from.
                 let loss = stats.loss.double_value(&[]);
+                if !loss.is_finite() {
+                    diverged(observer, rank, done - 1, loss);
+                }
                 ensure!(
                     loss.is_finite(),
                     "step {done}: the loss is {loss}; not checkpointing this state, stopping (lower train.lr?)"

@@ -1,11 +1,15 @@
 //! `ddpm launch`: a whole distributed run on this host — the coordinator, N workers and
 //! (when the config sets `eval.reference`) the evaluator as child processes, their logs
-//! prefixed with role and rank, all stopped together.
+//! prefixed with role and rank, all stopped together. The config's `[auth]` token reaches
+//! the workers and the evaluator through their environment, its `[tls]` client files
+//! through their flags.
 
 use super::load_config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::io::{BufRead, BufReader, Read};
+use ddpm_telemetry::LogFormat;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +43,14 @@ pub struct LaunchArgs {
     /// Where the coordinator listens (port 0: a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    /// Serve Prometheus metrics: the coordinator's at ADDR, each worker's on ADDR's IP (port
+    /// 0: free ports; else PORT+1+rank). Stdout gets `coordinator metrics on IP:PORT` and
+    /// `worker R metrics on IP:PORT` lines as soon as each is known.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log lines of the coordinator and the workers: human or json.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
 }
 
 /// How long the coordinator may take to finish after every worker exited successfully.
@@ -99,6 +111,28 @@ fn forward(name: String, from: impl Read + Send + 'static) -> JoinHandle<()> {
     })
 }
 
+/// Copies a worker's stdout like [`forward`], except its `worker metrics on ADDR` line, which
+/// goes to this process's stdout as `worker RANK metrics on ADDR`.
+fn forward_worker_stdout(
+    name: String,
+    rank: u32,
+    from: impl Read + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            match line.strip_prefix("worker metrics on ") {
+                Some(addr) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "worker {rank} metrics on {addr}");
+                    let _ = out.flush();
+                }
+                None => eprintln!("[{name}] {line}"),
+            }
+        }
+    })
+}
+
 /// Starts `cmd` with its stderr (and stdout unless `keep_stdout`) forwarded; the child is
 /// killed if this process dies.
 fn spawn(name: &str, cmd: &mut Command, keep_stdout: bool) -> Result<Proc> {
@@ -132,9 +166,10 @@ fn spawn(name: &str, cmd: &mut Command, keep_stdout: bool) -> Result<Proc> {
     })
 }
 
-/// Reads the coordinator's first stdout line, `coordinator listening on ADDR`, then
-/// forwards the rest. Fails (after printing its last words) if it exits before.
-fn coordinator_address(p: &mut Proc) -> Result<String> {
+/// Reads the coordinator's first stdout line, `coordinator listening on ADDR`, and with
+/// `metrics` the next, `coordinator metrics on ADDR` (printed on this process's stdout),
+/// then forwards the rest. Fails (after printing its last words) if it exits before.
+fn coordinator_address(p: &mut Proc, metrics: bool) -> Result<String> {
     let stdout = p.child.stdout.take().context("coordinator stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     p.forwarders.push(std::thread::spawn(move || {
@@ -144,7 +179,13 @@ fn coordinator_address(p: &mut Proc) -> Result<String> {
         let _ = tx.send(first);
         for line in reader.lines() {
             let Ok(line) = line else { break };
-            eprintln!("[coordinator] {line}");
+            if metrics && line.starts_with("coordinator metrics on ") {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            } else {
+                eprintln!("[coordinator] {line}");
+            }
         }
     }));
     let first = rx.recv_timeout(Duration::from_secs(120));
@@ -239,6 +280,21 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         })
     });
     let (coordinator, worker) = (sibling("coordinator")?, sibling("worker")?);
+    // The token, read now so that a missing file or variable stops the launch before
+    // anything starts; the workers get it in their environment, never on a command line.
+    let token = ddpm_auth::Token::from_config(&cfg.auth)
+        .with_context(|| format!("[auth] of {}", a.config.display()))?;
+    let tls = !cfg.tls.cert_file.is_empty();
+    let client_tls = ddpm_auth::ClientTls::from_config(&cfg.tls);
+    anyhow::ensure!(
+        cfg.tls.client_ca_file.is_empty() || client_tls.cert_file.is_some(),
+        "{}: tls.client_ca_file makes the coordinator require client certificates: set tls.client_cert_file and tls.client_key_file for the workers ddpm launch starts",
+        a.config.display()
+    );
+    let log_format = match a.log_format {
+        LogFormat::Human => "human",
+        LogFormat::Json => "json",
+    };
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -246,26 +302,48 @@ pub fn run(a: LaunchArgs) -> Result<()> {
             .context("installing the Ctrl-C handler")?;
     }
     let started = Instant::now();
-    let mut c = spawn(
-        "coordinator",
-        Command::new(&coordinator)
-            .arg("--config")
-            .arg(&a.config)
-            .args([
-                "--world-size",
-                &a.workers.to_string(),
-                "--listen",
-                &a.listen,
-            ]),
-        true,
-    )?;
-    let addr = coordinator_address(&mut c)?;
+    let mut coordinator_cmd = Command::new(&coordinator);
+    coordinator_cmd.arg("--config").arg(&a.config).args([
+        "--world-size",
+        &a.workers.to_string(),
+        "--listen",
+        &a.listen,
+        "--log-format",
+        log_format,
+    ]);
+    if let Some(m) = a.metrics_listen {
+        coordinator_cmd.args(["--metrics-listen", &m.to_string()]);
+    }
+    let mut c = spawn("coordinator", &mut coordinator_cmd, true)?;
+    let addr = coordinator_address(&mut c, a.metrics_listen.is_some())?;
+    let url = format!("{}://{addr}", if tls { "https" } else { "http" });
     let mut procs = vec![c];
+    // The token through the environment (never on a command line), the TLS client files
+    // through flags: for every client process this launch starts.
+    let secure = |cmd: &mut Command| {
+        match &token {
+            Some(t) => cmd.env(ddpm_auth::TOKEN_ENV, t.expose()),
+            None => cmd.env_remove(ddpm_auth::TOKEN_ENV),
+        };
+        for (flag, file) in [
+            ("--tls-ca", &client_tls.ca_file),
+            ("--tls-cert", &client_tls.cert_file),
+            ("--tls-key", &client_tls.key_file),
+        ] {
+            if let (true, Some(f)) = (tls, file) {
+                cmd.arg(flag).arg(f);
+            }
+        }
+        if let (true, Some(name)) = (tls, &client_tls.server_name) {
+            cmd.args(["--tls-server-name", name]);
+        }
+    };
     tracing::info!(coordinator = %addr, workers = a.workers, "launching");
     for rank in 0..a.workers {
         let mut cmd = Command::new(&worker);
-        cmd.args(["--coordinator", &format!("http://{addr}")])
+        cmd.args(["--coordinator", &url])
             .args(["--rank", &rank.to_string()])
+            .args(["--log-format", log_format])
             .args([
                 "--device",
                 &if cuda {
@@ -277,8 +355,27 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         if let Some(t) = threads {
             cmd.args(["--threads", &t.to_string()]);
         }
-        match spawn(&format!("worker {rank}"), &mut cmd, false) {
-            Ok(p) => procs.push(p),
+        if let Some(m) = a.metrics_listen {
+            let port = if m.port() == 0 {
+                0
+            } else {
+                m.port()
+                    .checked_add(1 + rank as u16)
+                    .context("--metrics-listen: the workers' ports would pass 65535")?
+            };
+            cmd.args([
+                "--metrics-listen",
+                &SocketAddr::new(m.ip(), port).to_string(),
+            ]);
+        }
+        secure(&mut cmd);
+        let name = format!("worker {rank}");
+        match spawn(&name, &mut cmd, true) {
+            Ok(mut p) => {
+                let stdout = p.child.stdout.take().expect("piped");
+                p.forwarders.push(forward_worker_stdout(name, rank, stdout));
+                procs.push(p)
+            }
             Err(e) => {
                 procs.iter_mut().for_each(Proc::stop);
                 return Err(e);
@@ -289,11 +386,13 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         // It evaluates checkpoints as they are committed and exits once the run is over and
         // every due checkpoint has its result.
         let mut cmd = Command::new(sibling("evaluator")?);
-        cmd.args(["--coordinator", &format!("http://{addr}")])
-            .args(["--device", if cuda { "cuda:0" } else { "cpu" }]);
+        cmd.args(["--coordinator", &url])
+            .args(["--device", if cuda { "cuda:0" } else { "cpu" }])
+            .args(["--log-format", log_format]);
         if !cuda {
             cmd.args(["--threads", "1"]);
         }
+        secure(&mut cmd);
         match spawn("evaluator", &mut cmd, false) {
             Ok(p) => procs.push(p),
             Err(e) => {

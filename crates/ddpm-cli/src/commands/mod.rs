@@ -9,6 +9,7 @@ pub mod launch;
 pub mod nll;
 pub mod prepare;
 pub mod sample;
+pub mod status;
 pub mod train;
 
 use anyhow::{Context, Result};
