@@ -12,6 +12,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr (human, or one JSON object per event).
+    #[arg(long, global = true, value_enum, default_value_t = ddpm_telemetry::LogFormat::Human)]
+    log_format: ddpm_telemetry::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -51,20 +54,14 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let tuned = ddpm_trainer::malloc::tune_for_training();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let cli = Cli::parse();
+    ddpm_telemetry::init_tracing(cli.log_format);
     if !tuned {
         tracing::debug!(
             "glibc malloc thresholds not set; training may fault its activations in every step"
         );
     }
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -74,9 +71,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let log_format = cli.log_format;
     match cli.command {
         Command::Train(a) => commands::train::run(a),
-        Command::Launch(a) => commands::launch::run(a),
+        Command::Launch(a) => commands::launch::run(a, log_format),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Sample(a) => commands::sample::run_sample(a),
         Command::Progressive(a) => commands::sample::run_progressive(a),

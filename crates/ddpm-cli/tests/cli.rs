@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fails, ok, path, write_idx};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -518,4 +518,19 @@ fn user_errors_name_the_file_key_or_library() {
             || err.contains("nope.safetensors"),
         "{err}"
     );
+}
+
+#[test]
+fn train_serves_metrics_on_the_address_given_and_names_a_taken_one() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/quickstart.toml");
+    let err = fails(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--metrics-listen",
+        &addr,
+    ]);
+    assert!(err.contains(&format!("serving metrics on {addr}")), "{err}");
 }

@@ -147,11 +147,7 @@ fn report_of(joined: &Joined, line: &LogLine) -> ProgressReport {
 
 impl LoopObserver for Reporter<'_> {
     fn logged(&mut self, line: &LogLine) {
-        let rank = self.joined.rank.to_string();
-        metrics::gauge!("ddpm_train_loss", "rank" => rank.clone()).set(line.loss);
-        metrics::gauge!("ddpm_train_images_per_second", "rank" => rank.clone())
-            .set(line.images_per_second);
-        metrics::gauge!("ddpm_train_step", "rank" => rank).set(line.step as f64);
+        line.record_gauges(self.joined.rank as usize);
         line.trace();
         let report = report_of(self.joined, line);
         self.last = Some(report);

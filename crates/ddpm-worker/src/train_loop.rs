@@ -65,6 +65,16 @@ pub struct LogLine {
 }
 
 impl LogLine {
+    /// Sets the window's gauges (`ddpm_train_loss`, `ddpm_train_images_per_second`,
+    /// `ddpm_train_step`) of `rank` for the Prometheus endpoint.
+    pub fn record_gauges(&self, rank: usize) {
+        let rank = rank.to_string();
+        metrics::gauge!("ddpm_train_loss", "rank" => rank.clone()).set(self.loss);
+        metrics::gauge!("ddpm_train_images_per_second", "rank" => rank.clone())
+            .set(self.images_per_second);
+        metrics::gauge!("ddpm_train_step", "rank" => rank).set(self.step as f64);
+    }
+
     /// Logs the line as a `tracing` event ("progress").
     pub fn trace(&self) {
         tracing::info!(

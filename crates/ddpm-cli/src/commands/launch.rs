@@ -48,9 +48,6 @@ pub struct LaunchArgs {
     /// `worker R metrics on IP:PORT` lines as soon as each is known.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Log lines of the coordinator and the workers: human or json.
-    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Human)]
-    pub log_format: LogFormat,
 }
 
 /// How long the coordinator may take to finish after every worker exited successfully.
@@ -257,7 +254,8 @@ fn supervise(procs: &mut [Proc], coordinator_first: bool, interrupted: &AtomicBo
 }
 
 /// Runs `ddpm launch`.
-pub fn run(a: LaunchArgs) -> Result<()> {
+/// `log_format` (ddpm's global `--log-format`) applies to every process it starts too.
+pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
     anyhow::ensure!(a.workers >= 1, "--workers: expected >= 1");
     let mut cfg = load_config(&a.config)?;
     cfg.distributed.world_size = a.workers as i64;
@@ -291,7 +289,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         "{}: tls.client_ca_file makes the coordinator require client certificates: set tls.client_cert_file and tls.client_key_file for the workers ddpm launch starts",
         a.config.display()
     );
-    let log_format = match a.log_format {
+    let log_format = match log_format {
         LogFormat::Human => "human",
         LogFormat::Json => "json",
     };

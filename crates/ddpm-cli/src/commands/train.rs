@@ -43,11 +43,19 @@ pub struct TrainArgs {
     /// same steps again).
     #[arg(long)]
     pub overwrite: bool,
+    /// Serve Prometheus metrics (ddpm_train_loss, ddpm_train_step_seconds, ... with rank 0)
+    /// on http://ADDR/metrics while training.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs `ddpm train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut cfg = load_config(&a.config)?;
+    if let Some(addr) = a.metrics_listen {
+        let bound = ddpm_telemetry::serve_metrics(addr)?;
+        eprintln!("metrics on http://{bound}/metrics");
+    }
     if let Some(s) = a.steps {
         anyhow::ensure!(s >= 1, "--steps: expected >= 1, got {s}");
         cfg.train.total_steps = s;
@@ -215,6 +223,7 @@ impl LoopObserver for Bar {
 
     fn logged(&mut self, l: &LogLine) {
         self.0.set_message(format!("train loss {:.4}", l.loss));
+        l.record_gauges(0);
         self.0.suspend(|| l.trace());
     }
 }
