@@ -3,13 +3,15 @@
 //! nothing; TLS clients connect with the generated CA; under mutual TLS a client without a
 //! certificate is refused. The token appears in neither the logs nor /metrics.
 
+mod common;
+
 use anyhow::{bail, Context, Result};
 use ddpm_auth::test_pki::TestPki;
 use ddpm_auth::{AuthChannel, ClientSecurity, ClientTls, Token};
 use ddpm_proto::v1::coordinator_client::CoordinatorClient;
 use ddpm_proto::v1::{self, RunState};
 use ddpm_proto::PROTOCOL_VERSION;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tonic_health::pb::health_client::HealthClient;
@@ -75,15 +77,7 @@ impl Coordinator {
         }
         let mut child = cmd.spawn().context("starting the coordinator")?;
         let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = common::stdout_lines(stdout);
         let mut c = Self {
             child,
             lines: Vec::new(),

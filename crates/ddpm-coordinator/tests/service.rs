@@ -1,13 +1,14 @@
 //! The real `coordinator` binary on 127.0.0.1:0, driven by fake workers through the
 //! generated gRPC client.
 
+mod common;
+
 use anyhow::{bail, Context, Result};
 use ddpm_proto::v1::coordinator_client::CoordinatorClient;
 use ddpm_proto::v1::{self, RunState};
 use ddpm_proto::PROTOCOL_VERSION;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -59,15 +60,7 @@ fn start_with_lease(world: u32, lease_secs: u32, args: &[&str]) -> Result<Coordi
         .spawn()
         .context("starting the coordinator")?;
     let stdout = child.stdout.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::stdout_lines(stdout);
     let mut coordinator = Coordinator {
         child,
         addr: String::new(),
