@@ -126,8 +126,29 @@ impl InceptionV3 {
 #[cfg(test)]
 mod tests;
 
+impl InceptionV3 {
+    /// The logits the Inception Score is computed from: `pool3 @ W^T` without the head's
+    /// bias, as the original implementation (improved-gan's `inception_score.py`) and
+    /// torch-fidelity's `logits_unbiased` take them.
+    pub fn is_logits(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.has_logits() {
+            return Err(EvalError::Invalid(
+                "this Inception-v3 has no classifier head: the Inception Score needs \
+                 pytorch-fid's weights"
+                    .into(),
+            ));
+        }
+        tch::no_grad(|| {
+            let pool3 = self.net.pool3(&self.input(x)?)?;
+            self.net
+                .logits_unbiased(&pool3)
+                .expect("head checked above")
+        })
+    }
+}
+
 impl crate::pipeline::Classifier for InceptionV3 {
     fn logits(&self, input: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(input)?.1)
+        self.is_logits(input)
     }
 }

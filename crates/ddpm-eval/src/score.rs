@@ -1,7 +1,8 @@
 //! The Inception Score (Salimans et al. 2016): `exp(E_x KL(p(y|x) || p(y)))` over the
 //! Inception classifier's softmax, computed on 10 splits of the samples and reported as the
 //! splits' mean and (population) standard deviation, as the original implementation and the
-//! paper's Table 1 do.
+//! paper's Table 1 do. The logits are the Inception head's without its bias
+//! ([`crate::InceptionV3::is_logits`]), as the original code takes them.
 
 use crate::{EvalError, Result};
 use tch::{Kind, Tensor};

@@ -123,6 +123,14 @@ fn pool3_and_logits_match_pytorch_fid_on_fixture_weights() {
     );
     // pool3() alone gives the same features.
     assert!(max_abs_diff(&model.pool3(&x).unwrap(), &pool3) == 0.0);
+    // The Inception Score's logits are pytorch-fid's without the head's bias (the original
+    // implementation's matmul(pool3, w)): the difference is one vector, the same per image.
+    let bias = &logits - model.is_logits(&x).unwrap();
+    assert!(max_abs_diff(&bias.get(0), &bias.get(1)) <= 1e-5);
+    assert!(
+        bias.abs().max().double_value(&[]) > 1e-3,
+        "the fixture head has a bias"
+    );
 }
 
 #[test]

@@ -375,4 +375,11 @@ impl Network {
         let (w, b) = self.fc.as_ref()?;
         Some(pool3.f_linear(w, Some(b)).map_err(Into::into))
     }
+
+    /// Logits without the head's bias, `pool3 @ W^T`: what the original Inception Score
+    /// code (improved-gan's `inception_score.py`, `matmul(pool3, w)`) takes the softmax of.
+    pub(crate) fn logits_unbiased(&self, pool3: &Tensor) -> Option<Result<Tensor>> {
+        let (w, _) = self.fc.as_ref()?;
+        Some(pool3.f_matmul(&w.tr()).map_err(Into::into))
+    }
 }
