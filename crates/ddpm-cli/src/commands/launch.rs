@@ -209,18 +209,28 @@ fn coordinator_address(p: &mut Proc, metrics: bool) -> Result<String> {
 
 /// Waits for every process; the first failure or Ctrl-C stops the rest. With
 /// `coordinator_first`, `procs[0]` is the coordinator, which gets [`COORDINATOR_GRACE`] to
-/// finish once every worker has exited.
+/// finish once every worker has exited. An evaluator that fails does not stop the
+/// training: it is reported, and makes the launch fail at the end.
 fn supervise(procs: &mut [Proc], coordinator_first: bool, interrupted: &AtomicBool) -> Result<()> {
     let mut workers_done: Option<Instant> = None;
+    let mut side_failure: Option<String> = None;
     let failure = loop {
         if interrupted.load(Ordering::SeqCst) {
             break Some("interrupted (Ctrl-C)".to_string());
         }
         let mut failed = None;
         for p in procs.iter_mut() {
+            let was_running = p.status.is_none();
             if let Some(s) = p.poll()? {
-                if !s.success() && failed.is_none() {
-                    failed = Some(format!("{} exited with {s}", p.name));
+                if s.success() || !was_running {
+                    continue;
+                }
+                let why = format!("{} exited with {s}", p.name);
+                if p.name == "evaluator" {
+                    eprintln!("[launch] {why}; training goes on without it (its log is above)");
+                    side_failure.get_or_insert(why);
+                } else if failed.is_none() {
+                    failed = Some(why);
                 }
             }
         }
@@ -230,11 +240,10 @@ fn supervise(procs: &mut [Proc], coordinator_first: bool, interrupted: &AtomicBo
         if procs.iter().all(|p| p.status.is_some()) {
             break None;
         }
-        let workers = procs
-            .iter()
-            .skip(1)
-            .filter(|p| p.name.starts_with("worker"));
-        if coordinator_first && workers.clone().all(|p| p.status.is_some()) {
+        let mut workers = procs.iter().filter(|p| p.name.starts_with("worker"));
+        // Only while the coordinator runs: the evaluator may score the final checkpoint
+        // for long after the coordinator finished.
+        if coordinator_first && procs[0].status.is_none() && workers.all(|p| p.status.is_some()) {
             let since = *workers_done.get_or_insert_with(Instant::now);
             if since.elapsed() > COORDINATOR_GRACE {
                 break Some(format!(
@@ -247,7 +256,7 @@ fn supervise(procs: &mut [Proc], coordinator_first: bool, interrupted: &AtomicBo
     for p in procs.iter_mut() {
         p.stop();
     }
-    match failure {
+    match failure.or(side_failure) {
         Some(why) => bail!("{why}; stopped the other processes"),
         None => Ok(()),
     }
@@ -278,6 +287,10 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
         })
     });
     let (coordinator, worker) = (sibling("coordinator")?, sibling("worker")?);
+    let evaluator = match cfg.eval.reference.is_empty() || a.no_eval {
+        true => None,
+        false => Some(sibling("evaluator")?),
+    };
     // The token, read now so that a missing file or variable stops the launch before
     // anything starts; the workers get it in their environment, never on a command line.
     let token = ddpm_auth::Token::from_config(&cfg.auth)
@@ -380,10 +393,10 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
             }
         }
     }
-    if !cfg.eval.reference.is_empty() && !a.no_eval {
+    if let Some(evaluator) = &evaluator {
         // It evaluates checkpoints as they are committed and exits once the run is over and
         // every due checkpoint has its result.
-        let mut cmd = Command::new(sibling("evaluator")?);
+        let mut cmd = Command::new(evaluator);
         cmd.args(["--coordinator", &url])
             .args(["--device", if cuda { "cuda:0" } else { "cpu" }])
             .args(["--log-format", log_format]);
