@@ -85,7 +85,7 @@ impl Evaluator {
             p => PathBuf::from(p),
         };
         let fid = FidInception::load(&inception, device)?;
-        let reference = reference_stats(&cfg, &fid)?;
+        let reference = reference_stats(&cfg, &fid, &stop)?;
         if reference.dim() != ddpm_eval::torchscript::FEATURE_DIM {
             return Err(config_err(
                 "eval.reference",
@@ -124,14 +124,16 @@ impl Evaluator {
         })
     }
 
-    /// The committed checkpoints due for evaluation (a multiple of `eval.every_steps`, no
-    /// result yet), oldest first.
+    /// The committed checkpoints due for evaluation (a multiple of `eval.every_steps`, or
+    /// the final one at `train.total_steps`; no result yet), oldest first.
     pub fn due(&self) -> Result<Vec<u64>> {
         let every = self.cfg.eval.every_steps.max(0) as u64;
         let committed = self.rt.block_on(self.store.committed_steps())?;
         let mut out = Vec::new();
         for step in committed {
-            if every > 0 && step % every != 0 {
+            // The final checkpoint is always scored, whatever eval.every_steps.
+            let last = step == self.cfg.train.total_steps as u64;
+            if every > 0 && step % every != 0 && !last {
                 continue;
             }
             let done = self.rt.block_on(
@@ -287,7 +289,7 @@ impl Evaluator {
 }
 
 /// `eval.reference`: a statistics file, or an image folder whose statistics are computed.
-fn reference_stats(cfg: &Config, fid: &FidInception) -> Result<FeatureStats> {
+fn reference_stats(cfg: &Config, fid: &FidInception, stop: &AtomicBool) -> Result<FeatureStats> {
     let r = &cfg.eval.reference;
     if r.is_empty() {
         return Err(config_err(
@@ -309,6 +311,12 @@ fn reference_stats(cfg: &Config, fid: &FidInception) -> Result<FeatureStats> {
     tracing::info!(folder = %r, images = files.len(), "computing the reference statistics");
     let mut collector = FeatureCollector::new(fid, cfg.eval.batch_size, r);
     for f in &files {
+        if stop.load(Ordering::Relaxed) {
+            return Err(config_err(
+                "eval.reference",
+                "stopped while computing the reference statistics",
+            ));
+        }
         collector.push(&load_rgb(f)?.unsqueeze(0))?;
     }
     Ok(collector.finish()?.stats)

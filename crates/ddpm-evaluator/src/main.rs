@@ -183,11 +183,18 @@ fn run(a: Args) -> Result<()> {
                 Some(newest.is_some_and(|s| s >= cfg.train.total_steps as u64))
             }),
         };
-        let due: Vec<u64> = evaluator
-            .due()?
-            .into_iter()
-            .filter(|s| !failed.contains(s))
-            .collect();
+        // A store that fails to list is tried again at the next poll: an evaluator that
+        // exits on a blip would, under `ddpm launch`, be one less process watching the run.
+        let listed_due = evaluator.due();
+        let listed = listed_due.is_ok();
+        let due: Vec<u64> = match listed_due {
+            Ok(d) => d.into_iter().filter(|s| !failed.contains(s)).collect(),
+            Err(e) => {
+                tracing::warn!("listing the checkpoints failed, trying again in {poll:?}: {e:#}");
+                metrics::counter!("ddpm_eval_failures_total").increment(1);
+                Vec::new()
+            }
+        };
         for step in &due {
             match evaluate(&evaluator, *step) {
                 Ok(_) => {}
@@ -204,7 +211,7 @@ fn run(a: Args) -> Result<()> {
                 }
             }
         }
-        if over == Some(true) && due.is_empty() {
+        if over == Some(true) && due.is_empty() && listed {
             tracing::info!("the run is over and every due checkpoint is evaluated");
             return Ok(());
         }
