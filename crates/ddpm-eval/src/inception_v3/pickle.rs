@@ -19,9 +19,9 @@ pub(crate) enum Value {
     Bool(bool),
     Int(i64),
     /// An integer too large for i64 (little-endian two's complement bytes).
-    BigInt(Vec<u8>),
+    BigInt(Rc<[u8]>),
     Float,
-    Str(String),
+    Str(Rc<str>),
     Bytes,
     Tuple(Rc<Vec<Value>>),
     List(Rc<RefCell<Vec<Value>>>),
@@ -55,6 +55,9 @@ impl Value {
     }
 }
 
+/// The most tuples, lists and dicts one pickle may build.
+pub(crate) const MAX_CONTAINERS: usize = 200_000;
+
 /// Runs one pickle starting at `pos`; returns the value and the position after its STOP.
 pub(crate) fn unpickle(data: &[u8], pos: usize) -> Result<(Value, usize), String> {
     let mut m = Machine {
@@ -63,6 +66,7 @@ pub(crate) fn unpickle(data: &[u8], pos: usize) -> Result<(Value, usize), String
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        containers: 0,
     };
     let value = m.run()?;
     Ok((value, m.pos))
@@ -74,6 +78,8 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u64, Value>,
+    /// Tuples, lists and dicts built so far.
+    containers: usize,
 }
 
 impl Machine<'_> {
@@ -167,6 +173,19 @@ impl Machine<'_> {
         loop {
             let at = self.pos;
             let op = self.take(1)?[0];
+            if matches!(
+                op,
+                b')' | b't' | 0x85 | 0x86 | 0x87 | b']' | b'l' | b'}' | b'd'
+            ) {
+                // Bounds the nesting too, and with it the recursion that drops a value
+                // (the caller runs on a large stack); a state dict builds a few thousand.
+                self.containers += 1;
+                if self.containers > MAX_CONTAINERS {
+                    return Err(format!(
+                        "pickle builds more than {MAX_CONTAINERS} tuples, lists and dicts: not a state dict"
+                    ));
+                }
+            }
             match op {
                 0x80 => {
                     self.take(1)?; // PROTO
@@ -227,12 +246,13 @@ impl Machine<'_> {
                     };
                     let b = self.len_prefixed(n)?;
                     let s = String::from_utf8(b).map_err(|_| "pickle string is not UTF-8")?;
-                    self.stack.push(Value::Str(s));
+                    self.stack.push(Value::Str(s.into()));
                 }
                 b'U' | b'T' => {
                     let b = self.len_prefixed(if op == b'U' { 1 } else { 4 })?;
-                    self.stack
-                        .push(Value::Str(b.iter().map(|&c| c as char).collect()));
+                    self.stack.push(Value::Str(
+                        b.iter().map(|&c| c as char).collect::<String>().into(),
+                    ));
                 }
                 b'C' | b'B' | 0x8e | 0x96 => {
                     let n = match op {
@@ -360,7 +380,7 @@ fn long_value(bytes: Vec<u8>) -> Value {
         return Value::Int(0);
     }
     if bytes.len() > 8 {
-        return Value::BigInt(bytes);
+        return Value::BigInt(bytes.into());
     }
     let negative = bytes[bytes.len() - 1] & 0x80 != 0;
     let mut buf = [if negative { 0xff } else { 0 }; 8];

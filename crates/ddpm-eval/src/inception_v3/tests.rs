@@ -212,3 +212,35 @@ fn unreadable_files_are_named_with_the_conversion() {
         assert!(e.contains("save_file("), "{e}");
     }
 }
+
+#[test]
+fn hostile_pickles_and_views_are_refused_not_crashed_on() {
+    use super::pickle::{unpickle, MAX_CONTAINERS};
+    use super::torch_objects::{StorageRef, TensorRef};
+    // Nesting one list per byte, deeper than any state dict: refused before it is built.
+    let mut data = b"\x80\x02".to_vec();
+    data.extend(std::iter::repeat_n(b']', MAX_CONTAINERS + 1));
+    data.push(b'.');
+    let err = unpickle(&data, 0).unwrap_err();
+    assert!(
+        err.contains(&format!("more than {MAX_CONTAINERS}")),
+        "{err}"
+    );
+    // A 10^10-element view of a 4-element storage by stride 0, and strides that overflow.
+    let storage = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+    let t = |size: Vec<i64>, stride: Vec<i64>| TensorRef {
+        storage: StorageRef {
+            key: "0".into(),
+            kind: Kind::Float,
+            view_offset: 0,
+        },
+        offset: 0,
+        size,
+        stride,
+    };
+    let err =
+        super::torch_save::view(&storage, &t(vec![100_000, 100_000], vec![0, 0])).unwrap_err();
+    assert!(err.contains("10000000000 elements"), "{err}");
+    let err = super::torch_save::view(&storage, &t(vec![3, 2], vec![i64::MAX, 1])).unwrap_err();
+    assert!(err.contains("overflow"), "{err}");
+}

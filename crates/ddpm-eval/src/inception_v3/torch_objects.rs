@@ -74,7 +74,7 @@ fn tuple(v: &Value) -> Option<&[Value]> {
 pub(crate) fn persistent_load(pid: &Value) -> Result<Value, String> {
     let items = tuple(pid).ok_or_else(|| format!("persistent id is {}", pid.describe()))?;
     match items.first() {
-        Some(Value::Str(s)) if s == "storage" => {}
+        Some(Value::Str(s)) if &**s == "storage" => {}
         Some(Value::Str(s)) => {
             return Err(format!(
             "the file holds a pickled `{s}` (e.g. a whole nn.Module), not a state dict of tensors"
@@ -91,7 +91,7 @@ pub(crate) fn persistent_load(pid: &Value) -> Result<Value, String> {
     };
     let kind = storage_kind(&class).ok_or_else(|| format!("unsupported storage type {class}"))?;
     let key = match &items[2] {
-        Value::Str(s) => s.clone(),
+        Value::Str(s) => s.to_string(),
         Value::Int(i) => i.to_string(),
         other => return Err(format!("storage key is {}", other.describe())),
     };
@@ -129,7 +129,9 @@ pub(crate) fn call(callable: &Value, args: &Value) -> Result<Value, String> {
                 other => return Err(format!("{name} of {}", other.describe())),
             };
             Ok(Value::Tensor(Rc::new(TensorRef {
-                offset: int(&a[1], "tensor storage offset")? + storage.view_offset,
+                offset: int(&a[1], "tensor storage offset")?
+                    .checked_add(storage.view_offset)
+                    .ok_or("tensor storage offset overflows")?,
                 size: ints(&a[2], "tensor size")?,
                 stride: ints(&a[3], "tensor stride")?,
                 storage,

@@ -24,6 +24,20 @@ const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 
 /// Reads the named tensors of a torch.save file (contiguous, CPU, in the stored dtype).
 /// The error is the reason only; the caller names the file.
 pub(crate) fn read_state_dict(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
+    // On a thread with a large stack: dropping a value nested as deep as the pickle machine
+    // allows (`pickle::MAX_CONTAINERS`) recurses that deep.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("torch-save-reader".into())
+            .stack_size(512 << 20)
+            .spawn_scoped(scope, || read_state_dict_here(bytes))
+            .map_err(|e| format!("starting the reader thread: {e}"))?
+            .join()
+            .map_err(|_| "the torch.save reader panicked".to_string())?
+    })
+}
+
+fn read_state_dict_here(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     if bytes.starts_with(ZIP_MAGIC) {
         read_zip(bytes)
     } else if bytes.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
@@ -32,6 +46,13 @@ pub(crate) fn read_state_dict(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, Str
         Err("neither a zip-format nor a legacy torch.save file (unknown leading bytes)".into())
     }
 }
+
+/// The largest record read from a zip file (Inception-v3's weights are ~100 MB).
+const MAX_RECORD_BYTES: u64 = 1 << 30;
+
+/// The most elements one tensor of a weights file may have (the largest of Inception-v3 has
+/// about 2 million).
+const MAX_TENSOR_ELEMENTS: i64 = 1 << 26;
 
 fn read_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("bad zip: {e}"))?;
@@ -47,9 +68,18 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
             Err(zip::result::ZipError::FileNotFound) => return Ok(None),
             Err(e) => return Err(format!("record {prefix}{name}: {e}")),
         };
-        let mut out = Vec::with_capacity(file.size() as usize);
-        file.read_to_end(&mut out)
+        // The entry's claimed size is not trusted for the allocation; reading stops at a
+        // bound far above any Inception-v3 file.
+        let mut out = Vec::new();
+        (&mut file)
+            .take(MAX_RECORD_BYTES)
+            .read_to_end(&mut out)
             .map_err(|e| format!("record {prefix}{name}: {e}"))?;
+        if out.len() as u64 == MAX_RECORD_BYTES {
+            return Err(format!(
+                "record {prefix}{name} is larger than {MAX_RECORD_BYTES} bytes"
+            ));
+        }
         Ok(Some(out))
     };
     if let Some(order) = record("byteorder")? {
@@ -77,14 +107,14 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
 fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     let (magic, pos) = unpickle(bytes, 0)?;
     match magic {
-        Value::BigInt(b) if b == LEGACY_MAGIC => {}
+        Value::BigInt(b) if *b == LEGACY_MAGIC => {}
         _ => return Err("not a legacy torch.save file (wrong magic number)".into()),
     }
     let (_protocol, pos) = unpickle(bytes, pos)?;
     let (sys_info, pos) = unpickle(bytes, pos)?;
     if let Value::Dict(d) = &sys_info {
         for (k, v) in d.borrow().iter() {
-            if matches!((k, v), (Value::Str(k), Value::Bool(false)) if k == "little_endian") {
+            if matches!((k, v), (Value::Str(k), Value::Bool(false)) if &**k == "little_endian") {
                 return Err("big-endian legacy files are not supported".into());
             }
         }
@@ -96,7 +126,7 @@ fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
             .borrow()
             .iter()
             .map(|k| match k {
-                Value::Str(s) => Ok(s.clone()),
+                Value::Str(s) => Ok(s.to_string()),
                 other => Err(format!("storage key is {}", other.describe())),
             })
             .collect::<Result<_, _>>()?,
@@ -149,7 +179,7 @@ fn tensors_of(root: &Value) -> Result<Vec<(String, TensorRef)>, String> {
             other => return Err(format!("state dict key is {}", other.describe())),
         };
         match v {
-            Value::Tensor(t) => out.push((name, (**t).clone())),
+            Value::Tensor(t) => out.push((name.to_string(), (**t).clone())),
             other => {
                 return Err(format!(
                     "state dict entry `{name}` is {}, not a tensor",
@@ -175,7 +205,12 @@ fn materialize(
     tensors_of(root)?
         .into_iter()
         .map(|(name, t)| {
-            let storage = &storages[&t.storage.key];
+            let storage = storages.get(&t.storage.key).ok_or_else(|| {
+                format!(
+                    "tensor `{name}`: storage {} is not in the file",
+                    t.storage.key
+                )
+            })?;
             let tensor = view(storage, &t).map_err(|e| format!("tensor `{name}`: {e}"))?;
             Ok((name, tensor))
         })
@@ -183,7 +218,7 @@ fn materialize(
 }
 
 /// The strided view `t` of `storage`, copied to a contiguous tensor, after a bounds check.
-fn view(storage: &Tensor, t: &TensorRef) -> Result<Tensor, String> {
+pub(crate) fn view(storage: &Tensor, t: &TensorRef) -> Result<Tensor, String> {
     let StorageRef { key, .. } = &t.storage;
     if t.size.len() != t.stride.len()
         || t.size.iter().chain(&t.stride).any(|&v| v < 0)
@@ -200,13 +235,30 @@ fn view(storage: &Tensor, t: &TensorRef) -> Result<Tensor, String> {
             (storage.kind(), storage.device()),
         ));
     }
-    let last = t.offset
-        + t.size
-            .iter()
-            .zip(&t.stride)
-            .map(|(n, s)| (n - 1) * s)
-            .sum::<i64>();
+    let overflow = || {
+        format!(
+            "size {:?} / stride {:?} / offset {} overflow",
+            t.size, t.stride, t.offset
+        )
+    };
+    let mut last = t.offset;
+    let mut elements: i64 = 1;
+    for (n, s) in t.size.iter().zip(&t.stride) {
+        last = (n - 1)
+            .checked_mul(*s)
+            .and_then(|d| last.checked_add(d))
+            .ok_or_else(overflow)?;
+        elements = elements.checked_mul(*n).ok_or_else(overflow)?;
+    }
     let numel = storage.size()[0];
+    // A view may repeat elements (stride 0, or overlapping strides as in the test
+    // fixtures), so its size is bounded on its own: no Inception-v3 tensor comes near.
+    if elements > MAX_TENSOR_ELEMENTS {
+        return Err(format!(
+            "size {:?} has {elements} elements, more than the {MAX_TENSOR_ELEMENTS} any weight of this model has room for",
+            t.size
+        ));
+    }
     if last >= numel {
         return Err(format!(
             "size {:?}, stride {:?}, offset {} reach element {last} of storage {key}, which has {numel}",
