@@ -362,3 +362,28 @@ fn a_launched_run_with_eval_reference_has_its_final_checkpoint_evaluated() {
         "no eval.is_weights, no IS: {result}"
     );
 }
+
+#[test]
+fn a_failing_evaluator_does_not_stop_the_training_but_fails_the_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let idx = root.join("images.idx.gz");
+    write_idx(&idx);
+    let file = config(root, "noeval", &format!("idx:{}", path(&idx)));
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("[eval]\nreference = \"/nonexistent/reference.npz\"\nnum_samples = 10\n");
+    std::fs::write(&file, text).unwrap();
+    let out = ddpm(&["launch", "--config", &file, "--workers", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("evaluator exited") && stderr.contains("training goes on without it"),
+        "{stderr}"
+    );
+    // The training itself finished: its final checkpoint is committed.
+    assert!(
+        root.join("noeval/checkpoints/dp/step-5/manifest.json")
+            .is_file(),
+        "{stderr}"
+    );
+}

@@ -300,15 +300,7 @@ impl Config {
         }
         finite_in("eval.eta", e.eta, 0.0, 1e3, false)?;
         at_least("eval.batch_size", e.batch_size, 1)?;
-        if e.grid < 0 || e.grid > e.num_samples {
-            return fail(
-                "eval.grid",
-                format!(
-                    "expected 0..=eval.num_samples ({}), got {}",
-                    e.num_samples, e.grid
-                ),
-            );
-        }
+        at_least("eval.grid", e.grid, 0)?;
         at_least("eval.poll_secs", e.poll_secs, 1)?;
         Ok(())
     }
