@@ -534,3 +534,41 @@ fn train_serves_metrics_on_the_address_given_and_names_a_taken_one() {
     ]);
     assert!(err.contains(&format!("serving metrics on {addr}")), "{err}");
 }
+
+#[test]
+fn non_finite_steps_are_skipped_and_too_many_in_a_row_stop_naming_the_step_and_rank() {
+    // Learning rate 1 without warmup or clipping diverges within a few steps.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let idx = root.join("images.gz");
+    write_idx(&idx);
+    let config = root.join("nan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[run]\nname = \"nan\"\nout_dir = \"{}\"\n\
+             [data]\nsource = \"idx:{}\"\nresolution = 16\nchannels = 1\n\
+             [model]\nch = 32\nch_mult = [1, 2]\nnum_res_blocks = 1\nattn_resolutions = [8]\ndropout = 0.0\n\
+             [diffusion]\nnum_timesteps = 40\n\
+             [train]\nbatch_size = 8\nlr = 1.0\nwarmup_steps = 1\ngrad_clip = 0.0\nadam_eps = 1e-30\n\
+             total_steps = 30\nlog_every = 1\nthreads = 1\nmax_consecutive_nonfinite = 3\n\
+             [sample]\nsteps = 10\n",
+            path(&root.join("run")),
+            path(&idx)
+        ),
+    )
+    .unwrap();
+    let (status, log) = common::ddpm_log(&["train", "--config", &path(&config)], "warn");
+    assert!(!status.success(), "{log}");
+    let skipped = log.matches("step skipped (no update)").count();
+    assert_eq!(
+        skipped, 2,
+        "two skipped before the third stops the run: {log}"
+    );
+    assert!(
+        log.contains("3 steps in a row had a non-finite loss or gradients")
+            && log.contains("on rank 0")
+            && log.contains("max_consecutive_nonfinite = 3"),
+        "{log}"
+    );
+}

@@ -423,6 +423,9 @@ pub struct TrainConfig {
     pub snapshot_every: i64,
     /// Intra-op CPU threads (0: libtorch's default).
     pub threads: i64,
+    /// A step whose loss or gradients are NaN or infinite is skipped (no parameter, Adam or
+    /// EMA update; its batch is consumed); this many in a row stop the run.
+    pub max_consecutive_nonfinite: i64,
 }
 
 impl Default for TrainConfig {
@@ -440,6 +443,7 @@ impl Default for TrainConfig {
             log_every: 100,
             snapshot_every: 0,
             threads: 0,
+            max_consecutive_nonfinite: 5,
         }
     }
 }

@@ -175,6 +175,11 @@ impl Config {
         at_least("train.log_every", t.log_every, 1)?;
         at_least("train.snapshot_every", t.snapshot_every, 0)?;
         at_least("train.threads", t.threads, 0)?;
+        at_least(
+            "train.max_consecutive_nonfinite",
+            t.max_consecutive_nonfinite,
+            1,
+        )?;
 
         let c = &self.checkpoint;
         at_least("checkpoint.every_steps", c.every_steps, 0)?;

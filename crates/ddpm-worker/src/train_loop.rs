@@ -142,6 +142,12 @@ fn describe_metrics() {
     metrics::describe_gauge!("ddpm_train_step", "Completed updates, per rank.");
 }
 
+/// Whether a step may be applied: its (all-reduced) loss and the gradient buffer's norm are
+/// finite (a norm is NaN or infinite exactly when some gradient is).
+fn finite_step(trainer: &Trainer, loss: f64) -> bool {
+    loss.is_finite() && trainer.gradients().norm().double_value(&[]).is_finite()
+}
+
 /// Records a non-finite loss in the loss gauge and tells the observer, before the error.
 fn diverged(observer: &mut dyn LoopObserver, rank: usize, step: u64, loss: f64) {
     metrics::gauge!("ddpm_train_loss", "rank" => rank.to_string()).set(loss);
@@ -222,6 +228,7 @@ pub fn train(
     // batches that are all empty for a whole epoch's worth of samples stop the run instead.
     // (One process keeps the loader's own check.)
     let mut empty_in_a_row = 0usize;
+    let mut nonfinite_in_a_row = 0u64;
     while done < total {
         let step_span = tracing::info_span!("step", rank, step = done + 1);
         let _in_step = step_span.enter();
@@ -236,10 +243,19 @@ pub fn train(
         cursor = b.cursor.clone();
         let examples = b.indices.len();
         // The step's statistics and its examples over every rank; None when the (global)
-        // batch had no decodable sample.
+        // batch had no decodable sample. A step whose loss or gradients are not finite is
+        // not applied (Err with the loss); the decision is on all-reduced values, so every
+        // rank takes it alike.
         let stepped = match ranks.as_mut() {
             None if examples == 0 => None,
-            None => Some((trainer.step(&b.images)?, examples as u64)),
+            None => {
+                let loss = trainer.compute_gradients(&b.images, 0, examples as u64)?;
+                let l = loss.double_value(&[]);
+                Some(match finite_step(trainer, l) {
+                    true => Ok((trainer.apply_update(loss), examples as u64)),
+                    false => Err(l),
+                })
+            }
             Some(r) => {
                 // Every rank joins the all-reduce, also with no examples (it adds zeroes).
                 let loss = if examples > 0 {
@@ -255,23 +271,42 @@ pub fn train(
                         .average(r.comm, &trainer.gradients(), loss, examples, done + 1)?;
                 metrics::histogram!("ddpm_allreduce_seconds", "rank" => rank_label.clone())
                     .record(reducing.elapsed().as_secs_f64());
-                // Identical on every rank (all-reduced), so all stop together.
-                if !avg.loss.is_finite() {
-                    diverged(observer, rank, done, avg.loss);
-                }
-                ensure!(
-                    avg.loss.is_finite(),
-                    "step {}: the loss is {}; stopping (lower train.lr?)",
-                    done + 1,
-                    avg.loss
-                );
-                (avg.examples > 0).then(|| {
-                    (
+                match (avg.examples > 0, finite_step(trainer, avg.loss)) {
+                    (false, _) => None,
+                    (true, true) => Some(Ok((
                         trainer.apply_update(Tensor::from(avg.loss as f32)),
                         avg.examples,
-                    )
-                })
+                    ))),
+                    (true, false) => Some(Err(avg.loss)),
+                }
             }
+        };
+        let stepped = match stepped {
+            Some(Err(loss)) => {
+                nonfinite_in_a_row += 1;
+                metrics::counter!("ddpm_train_nonfinite_steps_total", "rank" => rank_label.clone())
+                    .increment(1);
+                let limit = cfg.train.max_consecutive_nonfinite.max(1) as u64;
+                if nonfinite_in_a_row >= limit {
+                    diverged(observer, rank, done, loss);
+                    return Err(crate::WorkerError::Invalid(format!(
+                        "step {}: {nonfinite_in_a_row} steps in a row had a non-finite loss or gradients (last loss {loss}) on rank {rank}; stopping (train.max_consecutive_nonfinite = {limit}; lower train.lr?)",
+                        done + 1
+                    )));
+                }
+                tracing::warn!(
+                    step = done + 1,
+                    loss,
+                    in_a_row = nonfinite_in_a_row,
+                    "the loss or the gradients are not finite: step skipped (no update), batch consumed"
+                );
+                continue;
+            }
+            Some(Ok(s)) => {
+                nonfinite_in_a_row = 0;
+                Some(s)
+            }
+            None => None,
         };
         // A batch whose every sample was skipped as undecodable (data.on_bad_sample =
         // "skip") is passed over; the cursor moves past it.
