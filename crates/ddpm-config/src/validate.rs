@@ -18,6 +18,17 @@ fn finite_in(key: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Check {
     }
 }
 
+/// DDIM steps must lie in 1..=T.
+fn ddim_steps(key: &str, steps: i64, num_timesteps: i64) -> Check {
+    if steps < 1 || steps > num_timesteps {
+        return fail(
+            key,
+            format!("expected 1..=diffusion.num_timesteps ({num_timesteps}), got {steps}"),
+        );
+    }
+    Ok(())
+}
+
 fn at_least(key: &str, v: i64, min: i64) -> Check {
     if v < min {
         return fail(key, format!("expected >= {min}, got {v}"));
@@ -279,29 +290,15 @@ impl Config {
         }
 
         let s = &self.sample;
-        if s.steps < 1 || s.steps > f.num_timesteps {
-            return fail(
-                "sample.steps",
-                format!(
-                    "expected 1..=diffusion.num_timesteps ({}), got {}",
-                    f.num_timesteps, s.steps
-                ),
-            );
-        }
+        ddim_steps("sample.steps", s.steps, f.num_timesteps)?;
         finite_in("sample.eta", s.eta, 0.0, 1e3, false)?;
         at_least("sample.batch_size", s.batch_size, 1)?;
 
         let e = &self.eval;
         at_least("eval.every_steps", e.every_steps, 0)?;
         at_least("eval.num_samples", e.num_samples, 2)?;
-        if e.sampler == SamplerKind::Ddim && (e.steps < 1 || e.steps > f.num_timesteps) {
-            return fail(
-                "eval.steps",
-                format!(
-                    "expected 1..=diffusion.num_timesteps ({}), got {}",
-                    f.num_timesteps, e.steps
-                ),
-            );
+        if e.sampler == SamplerKind::Ddim {
+            ddim_steps("eval.steps", e.steps, f.num_timesteps)?;
         }
         finite_in("eval.eta", e.eta, 0.0, 1e3, false)?;
         at_least("eval.batch_size", e.batch_size, 1)?;
