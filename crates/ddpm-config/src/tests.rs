@@ -71,6 +71,22 @@ fn invalid_values_name_their_key() {
         ("[tls]\nclient_ca_file = \"ca.pem\"\n", "tls.client_ca_file"),
         ("[distributed]\nbucket_mb = 0\n", "distributed.bucket_mb"),
         ("[distributed]\nlease_secs = 0\n", "distributed.lease_secs"),
+        (
+            "[elastic]\nmin_workers = 3\nmax_workers = 2\n",
+            "elastic.min_workers",
+        ),
+        (
+            "[distributed]\nworld_size = 3\n[elastic]\nmax_workers = 2\n",
+            "elastic.max_workers",
+        ),
+        (
+            "[train]\nbatch_size = 4\n[elastic]\nmax_workers = 5\n",
+            "elastic.max_workers",
+        ),
+        (
+            "[elastic]\nrendezvous_grace_secs = -1.0\n",
+            "elastic.rendezvous_grace_secs",
+        ),
     ];
     for (text, key) in cases {
         match Config::parse(text, "c.toml") {
@@ -199,4 +215,16 @@ fn the_token_itself_is_not_a_config_key() {
     assert_eq!(ok.tls.client_ca_file, "ca.pem");
     // Written out (checkpoint manifests, the config handed to workers) as it was: names only.
     assert!(ok.to_toml().contains("token_env = \"DDPM_AUTH_TOKEN\""));
+}
+
+#[test]
+fn elastic_bounds_default_to_the_world_size() {
+    let c = Config::parse("[distributed]\nworld_size = 3\n", "c.toml").unwrap();
+    assert_eq!(c.elastic_bounds(), (3, 3));
+    let c = Config::parse(
+        "[distributed]\nworld_size = 3\n[elastic]\nmin_workers = 2\nmax_workers = 4\n",
+        "c.toml",
+    )
+    .unwrap();
+    assert_eq!(c.elastic_bounds(), (2, 4));
 }

@@ -22,6 +22,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// Data-parallel training: the coordinator, its workers and their collective.
     pub distributed: DistributedConfig,
+    /// How many workers a run may go on with after losing some.
+    pub elastic: ElasticConfig,
     /// FID and Inception Score of committed checkpoints (`evaluator`).
     pub eval: EvalConfig,
     /// The bearer token every RPC to the coordinator must carry (where to read it).
@@ -164,6 +166,48 @@ impl Default for DistributedConfig {
             collective_timeout_secs: 300,
             lease_secs: 30,
         }
+    }
+}
+
+/// `[elastic]`: the world sizes a run may train at when workers are lost or added. Every
+/// generation starts from the newest committed checkpoint, and `train.batch_size` stays the
+/// global batch at any world size (uneven shares), so a resized ring takes the steps the
+/// config describes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElasticConfig {
+    /// The fewest workers a generation may form with (0: `distributed.world_size`, i.e. a
+    /// lost worker must be replaced before training goes on; more than the world size acts
+    /// as the world size).
+    pub min_workers: i64,
+    /// The most workers (rank slots `0..max_workers`) a generation may form with (0:
+    /// `distributed.world_size`). A worker joining a running ring with a free slot moves the
+    /// run to a new generation that includes it.
+    pub max_workers: i64,
+    /// A re-forming generation with at least `min_workers` but fewer than
+    /// `distributed.world_size` workers waits this long for the others before it forms.
+    pub rendezvous_grace_secs: f64,
+}
+
+impl Default for ElasticConfig {
+    fn default() -> Self {
+        Self {
+            min_workers: 0,
+            max_workers: 0,
+            rendezvous_grace_secs: 10.0,
+        }
+    }
+}
+
+impl Config {
+    /// `(min_workers, max_workers)` with the zeros resolved to `distributed.world_size`.
+    pub fn elastic_bounds(&self) -> (i64, i64) {
+        let w = self.distributed.world_size;
+        let or_world = |v: i64| if v == 0 { w } else { v };
+        (
+            or_world(self.elastic.min_workers),
+            or_world(self.elastic.max_workers),
+        )
     }
 }
 

@@ -237,6 +237,43 @@ impl Config {
             1,
         )?;
         at_least("distributed.lease_secs", dist.lease_secs, 1)?;
+        at_least("elastic.min_workers", self.elastic.min_workers, 0)?;
+        at_least("elastic.max_workers", self.elastic.max_workers, 0)?;
+        let (min, max) = self.elastic_bounds();
+        let e = &self.elastic;
+        // 0 means the world size, which `ddpm launch --workers` and `coordinator
+        // --world-size` may still change: only explicit values are compared.
+        if e.min_workers != 0 && e.max_workers != 0 && min > max {
+            return fail(
+                "elastic.min_workers",
+                format!("expected at most elastic.max_workers ({max}), got {min}"),
+            );
+        }
+        if max < dist.world_size {
+            return fail(
+                "elastic.max_workers",
+                format!(
+                    "expected at least distributed.world_size ({}), got {max}",
+                    dist.world_size
+                ),
+            );
+        }
+        if max > self.train.batch_size {
+            return fail(
+                "elastic.max_workers",
+                format!(
+                    "expected at most train.batch_size ({}): every worker needs a row of the global batch, got {max}",
+                    self.train.batch_size
+                ),
+            );
+        }
+        let grace = self.elastic.rendezvous_grace_secs;
+        if !(grace.is_finite() && grace >= 0.0) {
+            return fail(
+                "elastic.rendezvous_grace_secs",
+                format!("expected seconds >= 0, got {grace}"),
+            );
+        }
 
         let a = &self.auth;
         if !a.token_file.is_empty() && !a.token_env.is_empty() {
