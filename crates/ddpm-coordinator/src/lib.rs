@@ -2,7 +2,10 @@
 //! links tch; it never touches a tensor.
 //!
 //! - [`membership::Membership`]: registration and rank assignment, leases kept by
-//!   heartbeats, ring generations and what each rank last reported. Pure state.
+//!   heartbeats, ring generations (elastic: which members form each ring) and what each rank
+//!   last reported. Pure state.
+//! - [`generation`]: the run's newest ring generation, kept in the checkpoint store so a
+//!   restarted coordinator continues after its predecessor's generations.
 //! - [`plan::Plan`]: where training starts, read from the newest committed checkpoint of
 //!   the run's store (a fresh run when there is none).
 //! - [`service::CoordinatorService`]: the gRPC `Coordinator` service of ddpm-proto over
@@ -11,6 +14,7 @@
 //!
 //! The `coordinator --config FILE` binary (src/main.rs) serves it.
 
+pub mod generation;
 pub mod membership;
 pub mod plan;
 pub mod service;
@@ -21,6 +25,11 @@ pub enum CoordinatorError {
     /// A registration that cannot be admitted; nothing changed.
     #[error("{0}")]
     Refused(String),
+    /// A registration for a rank that a member of the current generation holds: refused,
+    /// nothing changed. Distinct from [`CoordinatorError::Refused`] (ALREADY_EXISTS) because
+    /// a replacement may retry until the holder's lease runs out.
+    #[error("{0}")]
+    Taken(String),
     /// A request from a member that no longer holds its rank, or of an old generation.
     #[error("{0}")]
     Stale(String),
@@ -53,13 +62,15 @@ pub enum CoordinatorError {
 }
 
 impl From<CoordinatorError> for tonic::Status {
-    /// Refusals are FAILED_PRECONDITION with the message; store failures are UNAVAILABLE
+    /// Refusals are FAILED_PRECONDITION with the message (a rank held by a live member:
+    /// ALREADY_EXISTS); store failures are UNAVAILABLE
     /// (a retry may succeed).
     fn from(e: CoordinatorError) -> Self {
         match e {
             CoordinatorError::Refused(_)
             | CoordinatorError::Stale(_)
             | CoordinatorError::NotNow(_) => tonic::Status::failed_precondition(e.to_string()),
+            CoordinatorError::Taken(_) => tonic::Status::already_exists(e.to_string()),
             CoordinatorError::Store { .. } => tonic::Status::unavailable(e.to_string()),
             CoordinatorError::State { .. } => tonic::Status::failed_precondition(e.to_string()),
         }

@@ -28,8 +28,12 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// rendezvous of their collective and the resolved config, hold leases by heartbeats, ask
 /// for work (where training and the data cursor start, from the newest committed
 /// checkpoint) and report progress. When every rank reported the last step it waits
-/// --linger-secs and exits 0. A worker that stops heartbeating loses its rank; the run then
-/// waits for a replacement (it does not exit).
+/// --linger-secs and exits 0. A worker that stops heartbeating, or whose peers report that
+/// their collective failed, moves the run to a new generation: the survivors register
+/// again and train on from the newest committed checkpoint, with a replacement, or without
+/// one when [elastic] allows fewer workers. A restarted coordinator rebuilds the run from
+/// the checkpoint store (the newest checkpoint, and the generation it continues after) and
+/// the workers reconnect.
 ///
 /// Every RPC must carry the run's bearer token when one is configured ([auth] in the config,
 /// or --token-file); the gRPC port may serve TLS, and then may require client certificates
@@ -153,6 +157,8 @@ async fn run(args: Args) -> Result<()> {
     let tls = ddpm_auth::server_tls(&cfg.tls)?;
     let store = plan::open_store(&mut cfg)?;
     let plan = Plan::read(&store, &cfg.checkpoint.url).await?;
+    // One past every generation a predecessor handed out (stored before it is used).
+    let generation = ddpm_coordinator::generation::next(&store, &cfg.checkpoint.url).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| {
@@ -217,7 +223,13 @@ async fn run(args: Args) -> Result<()> {
         );
     }
 
-    let service = CoordinatorService::new(&cfg, store, plan);
+    if generation > 1 {
+        tracing::info!(
+            generation,
+            "a coordinator ran this run before: continuing with generation {generation}; its workers register again"
+        );
+    }
+    let service = CoordinatorService::new(&cfg, store, plan, generation);
     let reaper = tokio::spawn(service.clone().expire_loop());
     let (health, health_service) = tonic_health::server::health_reporter();
     let coordinator_name =

@@ -1,7 +1,14 @@
-//! Who is in the run: registration with rank assignment, leases kept by heartbeats, and the
-//! generation of the ring, and what each rank last reported. Pure state (time is passed in),
-//! so every rule is unit-tested without a network; the gRPC service holds one `Membership`
-//! behind a lock.
+//! Who is in the run: registration into rank slots, leases kept by heartbeats, the
+//! generations of the ring (which members form it, in which order), and what each member
+//! last reported. Pure state (time is passed in), so every rule is unit-tested without a
+//! network; the gRPC service holds one `Membership` behind a lock.
+//!
+//! A generation is *waiting* while members register into it and *running* once its ring is
+//! formed: at once when `target` (distributed.world_size) members are registered, or with at
+//! least `min` of them once the grace period has passed since the generation began. A
+//! running ring that loses a member (lease expiry, or a survivor reporting that its
+//! collective failed) or gains one (a new worker with a free slot) moves to the next
+//! generation, which waits again; every survivor registers again into it.
 
 use crate::CoordinatorError;
 use ddpm_proto::{Rendezvous, NCCL_UNIQUE_ID_BYTES, PROTOCOL_VERSION};
@@ -11,9 +18,9 @@ use std::time::{Duration, Instant};
 /// Where the run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Fewer than `world_size` workers hold a lease.
+    /// The current generation is gathering its members.
     Waiting,
-    /// Every rank is present; training runs.
+    /// The current generation's ring is formed; training runs.
     Running,
     /// Training reached its last step.
     Finished,
@@ -24,9 +31,9 @@ pub enum Phase {
 pub struct JoinRequest {
     /// Its protocol version.
     pub protocol_version: u32,
-    /// The rank asked for (`worker --rank N`), or any.
+    /// The rank slot asked for (`worker --rank N`), or any.
     pub requested_rank: Option<u32>,
-    /// Unique per process; a process that registers again keeps its rank.
+    /// Unique per process; a process that registers again keeps its slot.
     pub member_id: String,
     /// Host name, for operators and errors.
     pub host: String,
@@ -34,12 +41,14 @@ pub struct JoinRequest {
     pub device: String,
     /// Its TCP ring listen address.
     pub ring_address: String,
-    /// The `ncclUniqueId` it created (NCCL backend; empty otherwise). Rank 0's is handed to
-    /// every rank of the generation.
+    /// The `ncclUniqueId` it created (NCCL backend; empty otherwise). The id of the ring's
+    /// first member is handed to every member of the generation.
     pub nccl_unique_id: Vec<u8>,
+    /// The generation whose collective failed on this worker, or 0.
+    pub failed_generation: u64,
 }
 
-/// What a rank reported after a step.
+/// What a member reported after a step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     /// The generation the report was made in.
@@ -56,13 +65,15 @@ pub struct Progress {
     pub position: u64,
 }
 
-/// One member holding a rank.
+/// One member holding a rank slot.
 #[derive(Debug, Clone)]
 pub struct Member {
-    /// From its registration.
+    /// From its latest registration.
     pub join: JoinRequest,
-    /// Its rank.
+    /// Its slot.
     pub rank: u32,
+    /// The generation it last registered into.
+    pub generation: u64,
     /// Last registration, heartbeat or progress report.
     pub last_seen: Instant,
     /// Its last progress report, if any.
@@ -72,51 +83,115 @@ pub struct Member {
 /// What a successful registration gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
-    /// The rank.
+    /// The slot.
     pub rank: u32,
-    /// Ranks in the run.
+    /// Members of the formed ring, or the target while the generation waits.
     pub world_size: u32,
-    /// The ring generation the rank belongs to.
+    /// The generation the member belongs to.
     pub generation: u64,
+    /// Its position in the formed ring (None while the generation waits).
+    pub ring_rank: Option<u32>,
+}
+
+/// How many members a generation forms with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// Forms at once with this many (distributed.world_size).
+    pub target: u32,
+    /// Forms with at least this many after `grace` (elastic.min_workers).
+    pub min: u32,
+    /// Rank slots `0..slots` (elastic.max_workers).
+    pub slots: u32,
+    /// How long a generation with `min..target` members waits for the rest.
+    pub grace: Duration,
+}
+
+impl Sizes {
+    /// A fixed world: every one of `world_size` slots must be filled.
+    pub fn fixed(world_size: u32) -> Self {
+        Self {
+            target: world_size,
+            min: world_size,
+            slots: world_size,
+            grace: Duration::ZERO,
+        }
+    }
 }
 
 /// The members of one run.
 #[derive(Debug)]
 pub struct Membership {
-    world_size: u32,
+    sizes: Sizes,
     lease: Duration,
     nccl: bool,
     generation: u64,
     phase: Phase,
+    /// When the current generation began waiting (its first registration).
+    waiting_since: Option<Instant>,
+    /// The formed ring's slots, in ring order (empty while waiting).
+    ring: Vec<u32>,
     members: BTreeMap<u32, Member>,
 }
 
 impl Membership {
-    /// A run of `world_size` ranks whose members must heartbeat within `lease`.
+    /// A run of `world_size` fixed slots whose members must heartbeat within `lease`.
     pub fn new(world_size: u32, lease: Duration) -> Self {
+        Self::elastic(Sizes::fixed(world_size), lease)
+    }
+
+    /// A run whose generations form as `sizes` says.
+    pub fn elastic(sizes: Sizes, lease: Duration) -> Self {
         Self {
-            world_size,
+            sizes,
             lease,
             nccl: false,
             generation: 1,
             phase: Phase::Waiting,
+            waiting_since: None,
+            ring: Vec::new(),
             members: BTreeMap::new(),
         }
     }
 
-    /// The same run on the NCCL backend: rank 0 must register with its 128-byte
-    /// `ncclUniqueId`, which every rank of the generation is handed
+    /// The same run starting at `generation` (a restarted coordinator continues after the
+    /// generations of the one before it, so none of their members can pass for current).
+    pub fn starting_at(mut self, generation: u64) -> Self {
+        self.generation = generation.max(1);
+        self
+    }
+
+    /// The same run on the NCCL backend: every worker must register with its 128-byte
+    /// `ncclUniqueId`; the ring's first member's is handed to every member
     /// ([`Membership::nccl_rendezvous`]).
     pub fn with_nccl(mut self) -> Self {
         self.nccl = true;
         self
     }
 
+    /// Whether the holder of a slot belongs to the current generation: in the formed ring,
+    /// or registered into the waiting generation. A holder that is not is stale (it missed
+    /// a re-formation, or died), and a new worker may take its slot.
+    fn is_current(&self, m: &Member) -> bool {
+        match self.phase {
+            Phase::Running | Phase::Finished => self.ring.contains(&m.rank),
+            Phase::Waiting => m.generation == self.generation,
+        }
+    }
+
+    /// Moves a running ring to the next generation, which waits for its members.
+    fn reform(&mut self, now: Instant) {
+        self.generation += 1;
+        self.phase = Phase::Waiting;
+        self.ring.clear();
+        self.waiting_since = Some(now);
+    }
+
     /// Admits a worker. Refused, changing nothing: another protocol version, a finished
-    /// run, a rank out of range, a rank held by another live member (the error names the
-    /// holder), a full run, or (NCCL backend) rank 0 without a 128-byte `ncclUniqueId`. A
-    /// process that registers again (same `member_id`) gets its rank back, and keeps its
-    /// last progress report.
+    /// run, a slot out of range, a slot held by a member of the current generation (the
+    /// error names the holder), no free slot, or (NCCL backend) no 128-byte `ncclUniqueId`.
+    /// A process that registers again (same `member_id`) keeps its slot and its last
+    /// progress report. A registration that reports the failure of the running generation,
+    /// or a new worker joining a running ring, moves the run to the next generation.
     pub fn register(
         &mut self,
         join: JoinRequest,
@@ -134,24 +209,33 @@ impl Membership {
                 join.member_id, join.host
             )));
         }
+        if self.nccl && join.nccl_unique_id.len() != NCCL_UNIQUE_ID_BYTES {
+            return Err(CoordinatorError::Refused(format!(
+                "backend nccl: {} on {} must register with its ncclUniqueId of \
+                 {NCCL_UNIQUE_ID_BYTES} bytes, got {} bytes",
+                join.member_id,
+                join.host,
+                join.nccl_unique_id.len()
+            )));
+        }
         self.expire(now);
         let again = self
             .members
             .values()
             .find(|m| m.join.member_id == join.member_id)
             .map(|m| m.rank);
+        let slots = self.sizes.slots;
         let rank = match (join.requested_rank, again) {
-            (Some(r), _) if r >= self.world_size => {
+            (Some(r), _) if r >= slots => {
                 return Err(CoordinatorError::Refused(format!(
-                    "rank {r} is out of range: the run has world_size {} (ranks 0..{})",
-                    self.world_size,
-                    self.world_size - 1
+                    "rank {r} is out of range: the run has {slots} rank slots (0..{}; distributed.world_size, or elastic.max_workers)",
+                    slots - 1
                 )))
             }
             (Some(r), _) => {
                 if let Some(holder) = self.members.get(&r) {
-                    if holder.join.member_id != join.member_id {
-                        return Err(CoordinatorError::Refused(format!(
+                    if holder.join.member_id != join.member_id && self.is_current(holder) {
+                        return Err(CoordinatorError::Taken(format!(
                             "rank {r} is taken by {} on {} (device {}), seen {:.1} s ago",
                             holder.join.member_id,
                             holder.join.host,
@@ -160,29 +244,34 @@ impl Membership {
                         )));
                     }
                 }
-                if let Some(old) = again.filter(|&o| o != r) {
-                    self.members.remove(&old);
-                }
                 r
             }
             (None, Some(r)) => r,
-            (None, None) => (0..self.world_size)
+            (None, None) => (0..slots)
                 .find(|r| !self.members.contains_key(r))
+                .or_else(|| (0..slots).find(|r| !self.is_current(&self.members[r])))
                 .ok_or_else(|| {
-                    CoordinatorError::Refused(format!(
-                        "all {} ranks are taken; {} ({}) cannot join",
-                        self.world_size, join.member_id, join.host
+                    CoordinatorError::Taken(format!(
+                        "all {slots} ranks are taken; {} ({}) cannot join",
+                        join.member_id, join.host
                     ))
                 })?,
         };
-        if self.nccl && rank == 0 && join.nccl_unique_id.len() != NCCL_UNIQUE_ID_BYTES {
-            return Err(CoordinatorError::Refused(format!(
-                "backend nccl: rank 0 ({} on {}) must register with its ncclUniqueId of \
-                 {NCCL_UNIQUE_ID_BYTES} bytes, got {} bytes",
-                join.member_id,
-                join.host,
-                join.nccl_unique_id.len()
-            )));
+        // Admitted from here on.
+        if let Some(old) = again.filter(|&o| o != rank) {
+            self.members.remove(&old);
+        }
+        let in_ring = self.phase == Phase::Running && self.ring.contains(&rank);
+        let same = self
+            .members
+            .get(&rank)
+            .is_some_and(|m| m.join.member_id == join.member_id);
+        if self.phase == Phase::Running {
+            let failed = in_ring && same && join.failed_generation == self.generation;
+            let newcomer = !(in_ring && same);
+            if failed || newcomer {
+                self.reform(now);
+            }
         }
         let progress = self
             .members
@@ -194,18 +283,51 @@ impl Membership {
             Member {
                 join,
                 rank,
+                generation: self.generation,
                 last_seen: now,
                 progress,
             },
         );
-        if self.members.len() as u32 == self.world_size {
-            self.phase = Phase::Running;
-        }
-        Ok(Admission {
+        self.waiting_since.get_or_insert(now);
+        self.try_form(now);
+        Ok(self.admission(rank))
+    }
+
+    /// What the holder of `rank` is told.
+    fn admission(&self, rank: u32) -> Admission {
+        Admission {
             rank,
-            world_size: self.world_size,
+            world_size: self.world_size(),
             generation: self.generation,
-        })
+            ring_rank: self.ring_rank(rank),
+        }
+    }
+
+    /// Forms the waiting generation's ring if it may: with `target` members at once, with
+    /// at least `min` once the grace period has passed. Members that did not register into
+    /// it are dropped. Returns whether it formed.
+    pub fn try_form(&mut self, now: Instant) -> bool {
+        if self.phase != Phase::Waiting {
+            return false;
+        }
+        let present: Vec<u32> = self
+            .members
+            .values()
+            .filter(|m| m.generation == self.generation)
+            .map(|m| m.rank)
+            .collect();
+        let n = present.len() as u32;
+        let waited = self
+            .waiting_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.sizes.grace);
+        if n == 0 || !(n >= self.sizes.target || (n >= self.sizes.min && waited)) {
+            return false;
+        }
+        self.members.retain(|r, _| present.contains(r));
+        self.ring = present;
+        self.phase = Phase::Running;
+        self.waiting_since = None;
+        true
     }
 
     /// Renews the lease of `rank`; refused for a member that is not (or no longer) the
@@ -249,11 +371,14 @@ impl Membership {
                 self.generation
             )));
         }
-        self.members.get(&rank).ok_or_else(|| {
-            CoordinatorError::Stale(format!(
-                "rank {rank} of generation {generation} is not held (its lease ran out?); register again"
-            ))
-        })
+        self.members
+            .get(&rank)
+            .filter(|m| self.phase == Phase::Waiting || self.ring.contains(&m.rank))
+            .ok_or_else(|| {
+                CoordinatorError::Stale(format!(
+                    "rank {rank} of generation {generation} is not held (its lease ran out?); register again"
+                ))
+            })
     }
 
     /// Records the progress report of `rank` (renewing its lease); refused like
@@ -280,65 +405,69 @@ impl Membership {
         Ok(self.phase)
     }
 
-    /// Whether every rank of the current generation is present and has reported at least
-    /// `total_steps` completed updates in this generation.
+    /// Whether the current generation's ring is formed and every member of it has reported
+    /// at least `total_steps` completed updates in this generation.
     pub fn all_reached(&self, total_steps: u64) -> bool {
-        self.members.len() as u32 == self.world_size
-            && self.members.values().all(|m| {
-                m.progress
-                    .as_ref()
-                    .is_some_and(|p| p.generation == self.generation && p.step >= total_steps)
+        self.phase != Phase::Waiting
+            && !self.ring.is_empty()
+            && self.ring.iter().all(|r| {
+                self.members.get(r).is_some_and(|m| {
+                    m.progress
+                        .as_ref()
+                        .is_some_and(|p| p.generation == self.generation && p.step >= total_steps)
+                })
             })
     }
 
-    /// Drops members whose lease ran out. If a running ring loses a member, the generation
-    /// moves on and the run waits for the rank to be filled again. Returns the dropped
-    /// members.
+    /// Drops members whose lease ran out. If a running ring loses a member, the run moves
+    /// to the next generation; a waiting one may form once the grace period has passed.
+    /// Returns the dropped members.
     pub fn expire(&mut self, now: Instant) -> Vec<Member> {
         let lease = self.lease;
         let dead: Vec<u32> = self
             .members
             .values()
-            .filter(|m| now.duration_since(m.last_seen) > lease)
+            .filter(|m| now.saturating_duration_since(m.last_seen) > lease)
             .map(|m| m.rank)
             .collect();
         let dropped: Vec<Member> = dead.iter().filter_map(|r| self.members.remove(r)).collect();
-        if !dropped.is_empty() && self.phase == Phase::Running {
-            self.generation += 1;
-            self.phase = Phase::Waiting;
+        if self.phase == Phase::Running && dropped.iter().any(|m| self.ring.contains(&m.rank)) {
+            self.reform(now);
         }
+        self.try_form(now);
         dropped
     }
 
-    /// The TCP ring of the current generation, once every rank is present.
+    /// The TCP ring of the current generation, once it is formed: the members' addresses in
+    /// ring order.
     pub fn tcp_rendezvous(&self) -> Option<Rendezvous> {
         (self.phase == Phase::Running).then(|| Rendezvous::Tcp {
             peers: self
-                .members
-                .values()
-                .map(|m| m.join.ring_address.clone())
+                .ring
+                .iter()
+                .map(|r| self.members[r].join.ring_address.clone())
                 .collect(),
         })
     }
 
-    /// The NCCL rendezvous of the current generation (rank 0's `ncclUniqueId`), once every
-    /// rank is present. An error when rank 0's id is not 128 bytes (it cannot be: such a
+    /// The NCCL rendezvous of the current generation (its first member's `ncclUniqueId`),
+    /// once it is formed. An error when that id is not 128 bytes (it cannot be: such a
     /// registration is refused on the NCCL backend).
     pub fn nccl_rendezvous(&self) -> Option<Result<Rendezvous, CoordinatorError>> {
         if self.phase != Phase::Running {
             return None;
         }
-        let zero = self.members.get(&0)?;
-        let id = &zero.join.nccl_unique_id;
+        let first = self.members.get(self.ring.first()?)?;
+        let id = &first.join.nccl_unique_id;
         Some(if id.len() == NCCL_UNIQUE_ID_BYTES {
             Ok(Rendezvous::Nccl {
                 unique_id: id.clone(),
             })
         } else {
             Err(CoordinatorError::Refused(format!(
-                "backend nccl: rank 0 ({} on {}) registered an ncclUniqueId of {} bytes, expected {NCCL_UNIQUE_ID_BYTES}",
-                zero.join.member_id,
-                zero.join.host,
+                "backend nccl: ring rank 0 ({} on {}) registered an ncclUniqueId of {} bytes, expected {NCCL_UNIQUE_ID_BYTES}",
+                first.join.member_id,
+                first.join.host,
                 id.len()
             )))
         })
@@ -359,9 +488,40 @@ impl Membership {
         self.generation
     }
 
-    /// Ranks in the run.
+    /// Members of the formed ring, or the target size while the generation waits.
     pub fn world_size(&self) -> u32 {
-        self.world_size
+        match self.ring.len() {
+            0 => self.sizes.target,
+            n => n as u32,
+        }
+    }
+
+    /// The sizes generations form with.
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
+    }
+
+    /// The position of slot `rank` in the formed ring.
+    pub fn ring_rank(&self, rank: u32) -> Option<u32> {
+        if self.phase == Phase::Waiting {
+            return None;
+        }
+        self.ring.iter().position(|&r| r == rank).map(|p| p as u32)
+    }
+
+    /// The slot at ring position 0 (the checkpoint writer), once the ring is formed.
+    pub fn ring_leader(&self) -> Option<u32> {
+        (self.phase != Phase::Waiting)
+            .then(|| self.ring.first().copied())
+            .flatten()
+    }
+
+    /// Members registered into the current generation.
+    pub fn present(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.generation == self.generation)
+            .count()
     }
 
     /// How long a member may go without a heartbeat.
@@ -369,169 +529,11 @@ impl Membership {
         self.lease
     }
 
-    /// The members, by rank.
+    /// The members, by slot.
     pub fn members(&self) -> impl Iterator<Item = &Member> {
         self.members.values()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn join(id: &str, rank: Option<u32>) -> JoinRequest {
-        JoinRequest {
-            protocol_version: PROTOCOL_VERSION,
-            requested_rank: rank,
-            member_id: id.into(),
-            host: format!("host-{id}"),
-            device: "cpu".into(),
-            ring_address: format!("{id}:7000"),
-            nccl_unique_id: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn ranks_are_assigned_honoured_and_a_duplicate_names_the_holder() {
-        let t = Instant::now();
-        let mut m = Membership::new(3, Duration::from_secs(10));
-        assert_eq!(m.register(join("a", Some(2)), t).unwrap().rank, 2);
-        assert_eq!(m.register(join("b", None), t).unwrap().rank, 0);
-        let err = m.register(join("c", Some(2)), t).unwrap_err().to_string();
-        assert!(err.contains("rank 2 is taken by a on host-a"), "{err}");
-        let err = m.register(join("c", Some(3)), t).unwrap_err().to_string();
-        assert!(
-            err.contains("rank 3 is out of range") && err.contains("world_size 3"),
-            "{err}"
-        );
-        // Nothing changed: still waiting for rank 1.
-        assert_eq!(m.phase(), Phase::Waiting);
-        assert!(m.tcp_rendezvous().is_none());
-        assert_eq!(m.register(join("c", None), t).unwrap().rank, 1);
-        assert_eq!(m.phase(), Phase::Running);
-        assert_eq!(
-            m.tcp_rendezvous(),
-            Some(Rendezvous::Tcp {
-                peers: vec!["b:7000".into(), "c:7000".into(), "a:7000".into()]
-            })
-        );
-        let err = m.register(join("d", None), t).unwrap_err().to_string();
-        assert!(err.contains("all 3 ranks are taken"), "{err}");
-        // The same process registering again keeps its rank.
-        assert_eq!(m.register(join("a", None), t).unwrap().rank, 2);
-    }
-
-    #[test]
-    fn another_protocol_version_and_a_finished_run_are_refused() {
-        let t = Instant::now();
-        let mut m = Membership::new(1, Duration::from_secs(10));
-        let mut old = join("a", None);
-        old.protocol_version = PROTOCOL_VERSION + 1;
-        let err = m.register(old, t).unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("version {}", PROTOCOL_VERSION + 1)),
-            "{err}"
-        );
-        assert_eq!(m.members().count(), 0);
-        m.register(join("a", None), t).unwrap();
-        m.finish();
-        let err = m.register(join("b", None), t).unwrap_err().to_string();
-        assert!(err.contains("finished"), "{err}");
-        assert_eq!(m.members().count(), 1);
-    }
-
-    #[test]
-    fn a_lost_lease_frees_the_rank_and_moves_the_generation_on() {
-        let t0 = Instant::now();
-        let lease = Duration::from_secs(10);
-        let mut m = Membership::new(2, lease);
-        m.register(join("a", None), t0).unwrap();
-        m.register(join("b", None), t0).unwrap();
-        assert_eq!((m.phase(), m.generation()), (Phase::Running, 1));
-        let t1 = t0 + Duration::from_secs(8);
-        assert_eq!(m.heartbeat(0, 1, "a", t1).unwrap(), Phase::Running);
-        // b stops heartbeating; past its lease it is dropped and the ring re-forms.
-        let t2 = t0 + Duration::from_secs(12);
-        let err = m.heartbeat(0, 1, "a", t2).unwrap_err().to_string();
-        assert!(err.contains("generation 2"), "{err}");
-        assert_eq!((m.phase(), m.generation()), (Phase::Waiting, 2));
-        let err = m.heartbeat(1, 2, "b", t2).unwrap_err().to_string();
-        assert!(err.contains("lost its lease"), "{err}");
-        // A replacement takes rank 1 in generation 2; a keeps rank 0 by registering again.
-        let adm = m.register(join("a", None), t2).unwrap();
-        assert_eq!((adm.rank, adm.generation), (0, 2));
-        let adm = m.register(join("c", Some(1)), t2).unwrap();
-        assert_eq!((adm.rank, adm.generation), (1, 2));
-        assert_eq!(m.phase(), Phase::Running);
-        // A heartbeat from the old holder of rank 1 is refused, naming the new one.
-        let err = m.heartbeat(1, 2, "b", t2).unwrap_err().to_string();
-        assert!(err.contains("held by c"), "{err}");
-    }
-
-    fn progress(generation: u64, step: u64) -> Progress {
-        Progress {
-            generation,
-            step,
-            loss: 0.1,
-            images_per_second: 1.0,
-            epoch: 0,
-            position: step,
-        }
-    }
-
-    #[test]
-    fn reports_are_kept_per_rank_and_the_run_ends_when_every_rank_reached_the_end() {
-        let t = Instant::now();
-        let mut m = Membership::new(2, Duration::from_secs(10));
-        m.register(join("a", None), t).unwrap();
-        let err = m.report(1, progress(1, 1), t).unwrap_err().to_string();
-        assert!(err.contains("rank 1 of generation 1 is not held"), "{err}");
-        m.register(join("b", None), t).unwrap();
-        m.report(0, progress(1, 5), t).unwrap();
-        assert!(!m.all_reached(5));
-        // Registering again keeps the report.
-        m.register(join("a", None), t).unwrap();
-        assert_eq!(m.holder(0, 1).unwrap().progress, Some(progress(1, 5)));
-        let err = m.report(1, progress(3, 5), t).unwrap_err().to_string();
-        assert!(err.contains("generation 3"), "{err}");
-        m.report(1, progress(1, 5), t).unwrap();
-        assert!(m.all_reached(5) && !m.all_reached(6));
-        // A report that arrives late (step 4 after step 5) does not take the step back.
-        m.report(1, progress(1, 4), t).unwrap();
-        assert!(m.all_reached(5));
-    }
-
-    #[test]
-    fn expiry_returns_the_dropped_members() {
-        let t = Instant::now();
-        let mut m = Membership::new(2, Duration::from_secs(10));
-        m.register(join("a", None), t).unwrap();
-        m.register(join("b", None), t).unwrap();
-        m.heartbeat(0, 1, "a", t + Duration::from_secs(8)).unwrap();
-        assert!(m.expire(t + Duration::from_secs(9)).is_empty());
-        let gone = m.expire(t + Duration::from_secs(12));
-        let ids: Vec<&str> = gone.iter().map(|g| g.join.member_id.as_str()).collect();
-        assert_eq!(ids, ["b"]);
-        assert_eq!((m.generation(), m.phase()), (2, Phase::Waiting));
-    }
-
-    #[test]
-    fn nccl_needs_rank_0s_unique_id() {
-        let t = Instant::now();
-        let mut m = Membership::new(2, Duration::from_secs(10)).with_nccl();
-        let err = m.register(join("a", None), t).unwrap_err().to_string();
-        assert!(err.contains("rank 0") && err.contains("128 bytes"), "{err}");
-        assert_eq!(m.members().count(), 0);
-        // Other ranks need none.
-        m.register(join("b", Some(1)), t).unwrap();
-        let mut a = join("a", None);
-        a.nccl_unique_id = vec![7; NCCL_UNIQUE_ID_BYTES];
-        assert_eq!(m.register(a, t).unwrap().rank, 0);
-        assert_eq!(
-            m.nccl_rendezvous().unwrap().unwrap(),
-            Rendezvous::Nccl {
-                unique_id: vec![7; NCCL_UNIQUE_ID_BYTES]
-            }
-        );
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 //! lock is a `std` mutex that is never held across an `.await`. Metrics go through the
 //! `metrics` facade (gauges named `ddpm_*`), logs through `tracing` with one span per RPC.
 
-use crate::membership::{JoinRequest, Member, Membership, Phase, Progress};
+use crate::membership::{JoinRequest, Member, Membership, Phase, Progress, Sizes};
 use crate::plan::Plan;
 use crate::CoordinatorError;
 use ddpm_checkpoint::CheckpointStore;
@@ -49,6 +49,9 @@ struct Shared {
     /// across the store read so every rank of a generation gets the same plan.
     plan: tokio::sync::Mutex<(u64, Plan)>,
     finished: tokio::sync::watch::Sender<bool>,
+    /// The newest generation written to the store; a generation is written before any
+    /// worker is told of it ([`crate::generation`]).
+    persisted: tokio::sync::Mutex<u64>,
     /// Where evaluation results are (`<root>/<run>/eval/`), and the newest one read.
     evals: Option<EvalResults>,
 }
@@ -240,12 +243,21 @@ fn set_rank_gauge(name: &'static str, rank: u32, value: f64) {
 impl CoordinatorService {
     /// The coordinator of the run `config` describes. `config` is the resolved one
     /// (`checkpoint.url` set to the root of `store`, see [`crate::plan::open_store`]) and is
-    /// handed to every worker; `plan` is where its first generation starts.
-    pub fn new(config: &Config, store: CheckpointStore, plan: Plan) -> Self {
+    /// handed to every worker; `plan` is where its first generation starts, and
+    /// `generation` that generation's number (from [`crate::generation::next`], already
+    /// stored).
+    pub fn new(config: &Config, store: CheckpointStore, plan: Plan, generation: u64) -> Self {
         let dist = &config.distributed;
         let world = u32::try_from(dist.world_size).unwrap_or(u32::MAX);
         let lease = Duration::from_secs(dist.lease_secs.max(1) as u64);
-        let mut membership = Membership::new(world, lease);
+        let (min, max) = config.elastic_bounds();
+        let sizes = Sizes {
+            target: world,
+            min: u32::try_from(min).unwrap_or(world).min(world),
+            slots: u32::try_from(max).unwrap_or(world),
+            grace: Duration::from_secs_f64(config.elastic.rendezvous_grace_secs.max(0.0)),
+        };
+        let mut membership = Membership::elastic(sizes, lease).starting_at(generation);
         if dist.backend == CollectiveBackend::Nccl {
             membership = membership.with_nccl();
         }
@@ -302,6 +314,7 @@ impl CoordinatorService {
                 state: Mutex::new(state),
                 plan: tokio::sync::Mutex::new((generation, plan)),
                 finished: tokio::sync::watch::channel(false).0,
+                persisted: tokio::sync::Mutex::new(generation),
                 evals,
             }),
         }
@@ -324,9 +337,33 @@ impl CoordinatorService {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let mut st = self.lock();
-            self.expire(&mut st, Instant::now());
+            let generation = {
+                let mut st = self.lock();
+                self.expire(&mut st, Instant::now());
+                st.membership.generation()
+            };
+            if let Err(e) = self.persist(generation).await {
+                tracing::warn!(error = %e, generation, "the generation was not stored; retrying");
+            }
         }
+    }
+
+    /// Stores `generation` unless a newer one is stored. Every answer that tells a worker
+    /// its generation waits for this first, so a restarted coordinator never hands out a
+    /// generation a live worker already holds.
+    async fn persist(&self, generation: u64) -> Result<(), Status> {
+        let mut stored = self.shared.persisted.lock().await;
+        if *stored >= generation {
+            return Ok(());
+        }
+        crate::generation::write(&self.shared.store, &self.shared.store_url, generation)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, generation, "the generation could not be stored");
+                Status::from(e)
+            })?;
+        *stored = generation;
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -341,8 +378,9 @@ impl CoordinatorService {
     /// Expires lapsed leases with logs and metrics; every handler calls it first, so every
     /// dropped member is logged once.
     fn expire(&self, st: &mut State, now: Instant) {
-        let before = st.membership.generation();
+        let before = (st.membership.generation(), st.membership.phase());
         let dropped = st.membership.expire(now);
+        self.log_changes(st, before);
         if dropped.is_empty() {
             return;
         }
@@ -357,23 +395,45 @@ impl CoordinatorService {
                 "worker lost its lease; its rank is free"
             );
         }
-        let generation = st.membership.generation();
-        if generation != before {
-            let present = st.membership.members().count();
+        self.publish_membership(st);
+    }
+
+    /// Logs a move to another generation or the forming of a ring since `before`
+    /// (generation, phase), and publishes the membership gauges.
+    fn log_changes(&self, st: &State, before: (u64, Phase)) {
+        let m = &st.membership;
+        let generation = m.generation();
+        if generation != before.0 {
+            let sizes = m.sizes();
             tracing::warn!(
                 generation,
-                present,
-                world_size = st.membership.world_size(),
-                "the ring lost a member: generation {generation} waits for {} rank(s) to be filled, then continues from the newest checkpoint",
-                st.membership.world_size() as usize - present
+                from = before.0,
+                "the ring of generation {} lost or gained a member: generation {generation} waits for its members (at once with {}, with at least {} after {:.1} s), then continues from the newest committed checkpoint",
+                before.0,
+                sizes.target,
+                sizes.min,
+                sizes.grace.as_secs_f64()
             );
         }
-        self.publish_membership(st);
+        if m.phase() == Phase::Running && (before.1 != Phase::Running || generation != before.0) {
+            let slots: Vec<u32> = m.members().map(|x| x.rank).collect();
+            tracing::info!(
+                generation,
+                world_size = m.world_size(),
+                ?slots,
+                "the ring of generation {generation} is formed with {} worker(s)",
+                m.world_size()
+            );
+        }
+        if (generation, m.phase()) != before {
+            self.publish_membership(st);
+        }
     }
 
     fn publish_membership(&self, st: &State) {
         set_gauge("ddpm_workers_alive", st.membership.members().count() as f64);
         set_gauge("ddpm_generation", st.membership.generation() as f64);
+        set_gauge("ddpm_world_size", f64::from(st.membership.world_size()));
     }
 
     /// The plan of `generation`: the startup plan for the first, else read again from the
@@ -466,6 +526,7 @@ impl Coordinator for CoordinatorService {
                     rendezvous: None,
                     config_toml: self.shared.config_toml.clone(),
                     lease_millis: self.shared.lease_millis,
+                    ring_rank: 0,
                 }));
             }
             _ => {
@@ -483,53 +544,58 @@ impl Coordinator for CoordinatorService {
             device: r.device,
             ring_address: r.ring_address,
             nccl_unique_id: r.nccl_unique_id,
+            failed_generation: r.failed_generation,
         };
         let now = Instant::now();
-        let mut st = self.lock();
-        self.expire(&mut st, now);
-        let was = st.membership.phase();
-        let again = st
-            .membership
-            .members()
-            .any(|m| m.join.member_id == join.member_id);
-        let (member_id, host, device) = (
-            join.member_id.clone(),
-            join.host.clone(),
-            join.device.clone(),
-        );
-        let admission = st.membership.register(join, now).map_err(|e| {
-            tracing::warn!(error = %e, "registration refused");
-            Status::from(e)
-        })?;
-        tracing::Span::current().record("rank", admission.rank);
-        let before = st.last_holder.insert(admission.rank, member_id.clone());
-        if before.is_some_and(|b| b != member_id) {
-            metrics::counter!("ddpm_worker_restarts_total", "rank" => admission.rank.to_string())
+        let (admission, rendezvous) = {
+            let mut st = self.lock();
+            self.expire(&mut st, now);
+            let was = (st.membership.generation(), st.membership.phase());
+            if join.failed_generation != 0 {
+                tracing::warn!(
+                    failed_generation = join.failed_generation,
+                    generation = was.0,
+                    "the worker's collective failed; it registers again"
+                );
+            }
+            let again = st
+                .membership
+                .members()
+                .any(|m| m.join.member_id == join.member_id);
+            let (member_id, host, device) = (
+                join.member_id.clone(),
+                join.host.clone(),
+                join.device.clone(),
+            );
+            let admission = st.membership.register(join, now).map_err(|e| {
+                tracing::warn!(error = %e, "registration refused");
+                Status::from(e)
+            })?;
+            tracing::Span::current().record("rank", admission.rank);
+            let before = st.last_holder.insert(admission.rank, member_id.clone());
+            if before.is_some_and(|b| b != member_id) {
+                metrics::counter!("ddpm_worker_restarts_total", "rank" => admission.rank.to_string())
                 .increment(1);
-        }
-        if !again {
-            tracing::info!(
-                rank = admission.rank,
-                member_id,
-                host,
-                device,
-                generation = admission.generation,
-                "worker registered"
-            );
-        }
-        let rendezvous = match self.shared.backend {
-            CollectiveBackend::Tcp => st.membership.tcp_rendezvous(),
-            CollectiveBackend::Nccl => st.membership.nccl_rendezvous().transpose()?,
+            }
+            if !again {
+                tracing::info!(
+                    rank = admission.rank,
+                    member_id,
+                    host,
+                    device,
+                    generation = admission.generation,
+                    "worker registered"
+                );
+            }
+            let rendezvous = match self.shared.backend {
+                CollectiveBackend::Tcp => st.membership.tcp_rendezvous(),
+                CollectiveBackend::Nccl => st.membership.nccl_rendezvous().transpose()?,
+            };
+            self.log_changes(&st, was);
+            self.publish_membership(&st);
+            (admission, rendezvous)
         };
-        if was != Phase::Running && st.membership.phase() == Phase::Running {
-            tracing::info!(
-                generation = admission.generation,
-                world_size = admission.world_size,
-                "every rank is present: the ring of generation {} is formed",
-                admission.generation
-            );
-        }
-        self.publish_membership(&st);
+        self.persist(admission.generation).await?;
         Ok(Response::new(v1::RegisterResponse {
             rank: admission.rank,
             world_size: admission.world_size,
@@ -537,6 +603,7 @@ impl Coordinator for CoordinatorService {
             rendezvous: rendezvous.map(Into::into),
             config_toml: self.shared.config_toml.clone(),
             lease_millis: self.shared.lease_millis,
+            ring_rank: admission.ring_rank.unwrap_or(0),
         }))
     }
 
@@ -552,19 +619,23 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let r = request.into_inner();
         let now = Instant::now();
-        let mut st = self.lock();
-        self.expire(&mut st, now);
-        let phase = st
-            .membership
-            .heartbeat(r.rank, r.generation, &r.member_id, now)
-            .map_err(|e| {
-                tracing::debug!(error = %e, "heartbeat refused");
-                Status::from(e)
-            })?;
+        let (phase, generation) = {
+            let mut st = self.lock();
+            self.expire(&mut st, now);
+            let phase = st
+                .membership
+                .heartbeat(r.rank, r.generation, &r.member_id, now)
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "heartbeat refused");
+                    Status::from(e)
+                })?;
+            (phase, st.membership.generation())
+        };
+        self.persist(generation).await?;
         Ok(Response::new(v1::HeartbeatResponse {
             state: run_state(phase).into(),
             lease_millis: self.shared.lease_millis,
-            generation: st.membership.generation(),
+            generation,
         }))
     }
 
@@ -581,7 +652,7 @@ impl Coordinator for CoordinatorService {
         request: Request<v1::WorkRequest>,
     ) -> Result<Response<v1::WorkAssignment>, Status> {
         let r = request.into_inner();
-        let (world, reported) = {
+        let (world, ring_rank, reported) = {
             let now = Instant::now();
             let mut st = self.lock();
             self.expire(&mut st, now);
@@ -591,21 +662,20 @@ impl Coordinator for CoordinatorService {
                 .progress
                 .clone()
                 .filter(|p| p.generation == r.generation);
-            if m.phase() == Phase::Waiting {
-                let present = m.members().count();
+            let Some(ring_rank) = m.ring_rank(r.rank) else {
                 return Err(CoordinatorError::NotNow(format!(
-                    "waiting for {} of {} workers (generation {}); register again until the response carries the rendezvous",
-                    m.world_size() as usize - present,
+                    "generation {} is not formed yet ({} of {} workers registered); register again until the response carries the rendezvous",
+                    m.generation(),
+                    m.present(),
                     m.world_size(),
-                    m.generation()
                 ))
                 .into());
-            }
-            (m.world_size(), reported)
+            };
+            (m.world_size(), ring_rank, reported)
         };
         let plan = self.plan_for(r.generation).await?;
         let per_rank_batch =
-            rank_rows(self.shared.batch_size, world as usize, r.rank as usize).len() as u32;
+            rank_rows(self.shared.batch_size, world as usize, ring_rank as usize).len() as u32;
         let total = self.shared.total_steps;
         let work = match reported {
             Some(p) => v1::WorkAssignment {
@@ -716,17 +786,19 @@ impl Coordinator for CoordinatorService {
         request: Request<v1::CheckpointNotice>,
     ) -> Result<Response<v1::CheckpointAck>, Status> {
         let r = request.into_inner();
-        if r.rank != 0 {
-            return Err(CoordinatorError::NotNow(format!(
-                "checkpoint notices come from rank 0; rank {} sent one for step {}",
-                r.rank, r.step
-            ))
-            .into());
-        }
         let now = Instant::now();
         let mut st = self.lock();
         self.expire(&mut st, now);
         st.membership.holder(r.rank, r.generation)?;
+        if st.membership.ring_rank(r.rank) != Some(0) {
+            return Err(CoordinatorError::NotNow(format!(
+                "checkpoint notices come from ring rank 0 (rank {:?}); rank {} sent one for step {}",
+                st.membership.ring_leader(),
+                r.rank,
+                r.step
+            ))
+            .into());
+        }
         if r.step > st.last_checkpoint_step || st.last_checkpoint_unix_millis == 0 {
             let now = unix_now();
             set_gauge("ddpm_checkpoint_last_timestamp_seconds", now);

@@ -145,6 +145,7 @@ fn join(id: &str) -> v1::RegisterRequest {
         member_id: id.into(),
         ring_address: "127.0.0.1:7001".into(),
         nccl_unique_id: Vec::new(),
+        failed_generation: 0,
     }
 }
 

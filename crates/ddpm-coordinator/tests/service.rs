@@ -49,6 +49,12 @@ fn start_with_lease(world: u32, lease_secs: u32, args: &[&str]) -> Result<Coordi
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("run.toml");
     std::fs::write(&cfg, config(dir.path(), world, lease_secs))?;
+    start_in(dir, args)
+}
+
+/// Starts the binary on the config `dir/run.toml` (its run and checkpoints in `dir`).
+fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Result<Coordinator> {
+    let cfg = dir.path().join("run.toml");
     let stderr = std::fs::File::create(dir.path().join("stderr.log"))?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .arg("--config")
@@ -134,6 +140,7 @@ fn join(id: &str, rank: Option<u32>) -> v1::RegisterRequest {
         member_id: id.into(),
         ring_address: format!("127.0.0.1:{}", 7000 + id.len()),
         nccl_unique_id: Vec::new(),
+        failed_generation: 0,
     }
 }
 
@@ -162,7 +169,7 @@ async fn duplicate_ranks_and_other_versions_are_refused_and_sigterm_exits_nonzer
     let before = c.status(v1::StatusRequest {}).await?.into_inner();
 
     let err = c.register(join("b", Some(0))).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
     assert!(
         err.message().contains("rank 0 is taken by a on host-a"),
         "{}",
@@ -240,7 +247,8 @@ async fn a_two_rank_run_forms_trains_finishes_and_exits_0() -> Result<()> {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(
-        err.message().contains("waiting for 1 of 2 workers"),
+        err.message()
+            .contains("not formed yet (1 of 2 workers registered)"),
         "{}",
         err.message()
     );
@@ -454,6 +462,47 @@ async fn a_lost_worker_moves_the_generation_and_a_replacement_fills_its_rank() -
     let stderr = coord.stderr();
     assert!(
         stderr.contains("lost its lease") && stderr.contains("member_id=bb"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_continues_after_its_predecessors_generations() -> Result<()> {
+    let mut coord = start(1, &[])?;
+    let mut c = coord.client().await?;
+    let a = c.register(join("a", None)).await?.into_inner();
+    assert_eq!((a.generation, a.ring_rank), (1, 0));
+    assert!(a.rendezvous.is_some());
+    // Killed (no chance to write anything more), then started again on the same store.
+    coord.child.kill()?;
+    coord.child.wait()?;
+    let dir = std::mem::replace(&mut coord.dir, tempfile::tempdir()?);
+    let coord = start_in(dir, &[])?;
+    let mut c = coord.client().await?;
+    // The worker of generation 1 is refused: it must register again.
+    let err = c
+        .heartbeat(v1::HeartbeatRequest {
+            rank: 0,
+            generation: 1,
+            member_id: "a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("generation 1") && err.message().contains("generation 2"),
+        "{}",
+        err.message()
+    );
+    let mut again = join("a", None);
+    again.failed_generation = 1;
+    let a = c.register(again).await?.into_inner();
+    assert_eq!(a.generation, 2);
+    assert!(a.rendezvous.is_some());
+    let stderr = coord.stderr();
+    assert!(
+        stderr.contains("a coordinator ran this run before: continuing with generation 2"),
         "{stderr}"
     );
     Ok(())

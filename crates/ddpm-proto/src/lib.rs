@@ -9,8 +9,10 @@ pub mod v1 {
 }
 
 /// The version of the protocol this build speaks. It changes whenever a message changes
-/// meaning; the coordinator refuses any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// meaning; the coordinator refuses any other. Version 2: survivors of a failed generation
+/// register again (`failed_generation`) and the response names their ring position
+/// (`ring_rank`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Errors converting wire messages.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,7 @@ fn run(world: u32, batch: u32, total: u32, backend: &str) -> Run {
     )
     .unwrap();
     let store = crate::plan::open_store(&mut cfg).unwrap();
-    let svc = CoordinatorService::new(&cfg, store.clone(), Plan::default());
+    let svc = CoordinatorService::new(&cfg, store.clone(), Plan::default(), 1);
     Run {
         svc,
         store,
@@ -38,6 +38,7 @@ fn join(id: &str, rank: Option<u32>) -> Request<v1::RegisterRequest> {
         member_id: id.into(),
         ring_address: format!("{id}:7000"),
         nccl_unique_id: Vec::new(),
+        failed_generation: 0,
     })
 }
 
@@ -99,7 +100,7 @@ async fn evaluators_get_the_config_without_joining_and_duplicate_ranks_are_refus
     );
     let before = status(&svc).await;
     let s = svc.register(join("b", Some(1))).await.unwrap_err();
-    assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(s.code(), tonic::Code::AlreadyExists);
     assert!(
         s.message().contains("rank 1 is taken by a on host-a"),
         "{}",
@@ -129,7 +130,8 @@ async fn a_full_ring_gets_the_rendezvous_and_the_same_cursor_and_finishes() {
     let s = work(&svc, 0, 1).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::FailedPrecondition);
     assert!(
-        s.message().contains("waiting for 1 of 2 workers"),
+        s.message()
+            .contains("not formed yet (1 of 2 workers registered)"),
         "{}",
         s.message()
     );
@@ -274,7 +276,7 @@ async fn a_lost_member_moves_the_generation_and_the_new_ring_resumes_from_the_st
 }
 
 #[tokio::test]
-async fn nccl_hands_out_rank_0s_unique_id() {
+async fn nccl_hands_out_ring_rank_0s_unique_id() {
     let Run { svc, .. } = run(2, 4, 10, "nccl");
     let s = svc.register(join("a", Some(0))).await.unwrap_err();
     assert!(
@@ -293,7 +295,9 @@ async fn nccl_hands_out_rank_0s_unique_id() {
         .into_inner()
         .rendezvous
         .is_none());
-    let b = svc.register(join("b", None)).await.unwrap().into_inner();
+    let mut b = join("b", None);
+    b.get_mut().nccl_unique_id = vec![1; 128];
+    let b = svc.register(b).await.unwrap().into_inner();
     let expected: v1::Rendezvous = ddpm_proto::Rendezvous::Nccl { unique_id: id }.into();
     assert_eq!(b.rendezvous, Some(expected));
 }
@@ -312,7 +316,7 @@ async fn an_already_complete_run_gives_zero_steps_and_finishes_on_the_final_repo
     };
     let mut cfg = Config::parse(&svc.shared.config_toml, "<resolved>").unwrap();
     cfg.checkpoint.url = cfg_url;
-    let svc = CoordinatorService::new(&cfg, store, plan);
+    let svc = CoordinatorService::new(&cfg, store, plan, 1);
     assert_eq!(status(&svc).await.last_checkpoint_step, 3);
     svc.register(join("a", None)).await.unwrap();
     svc.register(join("b", None)).await.unwrap();
