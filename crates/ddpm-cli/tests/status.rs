@@ -34,6 +34,7 @@ fn join(id: &str) -> RegisterRequest {
         member_id: id.into(),
         ring_address: format!("127.0.0.1:{}", 7000 + id.len()),
         nccl_unique_id: Vec::new(),
+        failed_generation: 0,
     }
 }
 

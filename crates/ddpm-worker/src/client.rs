@@ -1,7 +1,11 @@
-//! The worker's side of the coordinator protocol: joining the run (and waiting for every
-//! rank), the lease kept by a heartbeat task, and progress reports sent without blocking the
-//! training thread. Every call runs on this module's tokio runtime; the training thread only
-//! reads the shared stop flag and queues reports.
+//! The worker's side of the coordinator protocol: joining a generation (and waiting until
+//! its ring is formed), the lease kept by a heartbeat task, and progress reports sent without
+//! blocking the training thread. Every call runs on this module's tokio runtime; the training
+//! thread only reads the shared stop flag and queues reports.
+//!
+//! The coordinator may go away and come back (a restart): registration retries with
+//! bounded exponential backoff, and heartbeats keep trying, for the connect patience; the
+//! restarted coordinator then refuses the old generation and the worker registers again.
 
 use crate::error::{Context, Result, WorkerError};
 use ddpm_auth::{AuthChannel, ClientSecurity};
@@ -30,12 +34,15 @@ pub struct Identity {
     pub ring_address: String,
 }
 
-/// A worker admitted to a generation whose every rank is present.
+/// A worker admitted to a generation whose ring is formed.
 #[derive(Debug, Clone)]
 pub struct Joined {
-    /// Rank.
+    /// Its rank slot: names it in every request (`worker --rank N`).
     pub rank: u32,
-    /// World size.
+    /// Its position in the ring: the collective's rank, its rows of every global batch,
+    /// and (0) the checkpoint writer.
+    pub ring_rank: u32,
+    /// Workers in the ring.
     pub world_size: u32,
     /// Ring generation.
     pub generation: u64,
@@ -45,6 +52,54 @@ pub struct Joined {
     pub config_toml: String,
     /// Heartbeat at least this often.
     pub lease: Duration,
+}
+
+/// Why training must stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    /// The run moved to another generation (or this one cannot go on): register again.
+    Reform(String),
+    /// The run failed, or the coordinator is gone for good: stop.
+    Fatal(String),
+}
+
+/// How the registration loop waits.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinPatience {
+    /// How long the coordinator may be unreachable (a restart) before the worker gives up.
+    pub coordinator: Duration,
+    /// How long to keep asking for a rank another worker holds (a replacement started
+    /// before its predecessor's lease ran out).
+    pub taken_rank: Duration,
+}
+
+/// Status codes after which a call is tried again (the coordinator is restarting, or the
+/// network failed).
+fn transient(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+    )
+}
+
+/// Exponential backoff from 200 ms, doubling, at most 5 s.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(200))
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
 }
 
 /// A progress report for the reporter task, with where to send the answer when the sender
@@ -60,7 +115,9 @@ pub struct CoordinatorLink {
     client: CoordinatorClient<AuthChannel>,
     url: String,
     /// Why training must stop (set by the heartbeat task), if it must.
-    stop: Arc<Mutex<Option<String>>>,
+    stop: Arc<Mutex<Option<Halt>>>,
+    /// The heartbeat task of the current generation.
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
     /// Aborts the collective when the heartbeat task learns the run moved on.
     abort: Arc<Mutex<Option<Arc<dyn AbortHandle>>>>,
     /// Reports go out one at a time, in order, so a late one never lands after the final.
@@ -69,6 +126,16 @@ pub struct CoordinatorLink {
 
 /// Every RPC gives up after this long (the coordinator answers from memory).
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A refusal of this worker's generation (FAILED_PRECONDITION: the run moved on, or the
+/// coordinator restarted) as [`WorkerError::Reform`]; any other status as an RPC error.
+fn stale_or(status: tonic::Status, what: &str) -> WorkerError {
+    if status.code() == tonic::Code::FailedPrecondition {
+        WorkerError::Reform(format!("coordinator {what}: {}", status.message()))
+    } else {
+        rpc(what)(status)
+    }
+}
 
 fn rpc(what: &str) -> impl FnOnce(tonic::Status) -> WorkerError + '_ {
     move |status| WorkerError::Rpc {
@@ -142,14 +209,24 @@ impl CoordinatorLink {
             client,
             url: url.to_string(),
             stop: Arc::new(Mutex::new(None)),
+            heartbeat: None,
             abort: Arc::new(Mutex::new(None)),
             reports,
         })
     }
 
-    /// Registers and waits until every rank of the generation is present (heartbeating
-    /// meanwhile), then returns the rank, the rendezvous and the config.
-    pub fn join(&mut self, me: &Identity) -> Result<Joined> {
+    /// Registers and waits until the generation's ring is formed (re-registering every
+    /// 200 ms, which renews the lease meanwhile), then returns the slot, the ring position,
+    /// the rendezvous and the config. `failed_generation` (0: none) tells the coordinator
+    /// that this worker's collective of that generation failed. An unreachable coordinator
+    /// is retried with backoff for `patience.coordinator`; a rank held by another worker
+    /// for `patience.taken_rank`.
+    pub fn join(
+        &mut self,
+        me: &Identity,
+        failed_generation: u64,
+        patience: JoinPatience,
+    ) -> Result<Joined> {
         let request = RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
             role: Role::Worker as i32,
@@ -159,20 +236,55 @@ impl CoordinatorLink {
             member_id: me.member_id.clone(),
             ring_address: me.ring_address.clone(),
             nccl_unique_id: Vec::new(),
+            failed_generation,
         };
         let mut last_note = Instant::now();
+        let mut unreachable: Option<(Instant, Backoff)> = None;
+        let mut taken_since: Option<Instant> = None;
         loop {
-            let r: RegisterResponse = self
-                .rt
-                .block_on(self.client.register(request.clone()))
-                .map_err(rpc("Register"))?
-                .into_inner();
+            let r: RegisterResponse = match self.rt.block_on(self.client.register(request.clone()))
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) if transient(s.code()) => {
+                    let (since, backoff) =
+                        unreachable.get_or_insert_with(|| (Instant::now(), Backoff::new()));
+                    if since.elapsed() > patience.coordinator {
+                        return Err(rpc("Register")(s)).with_context(|| {
+                            format!(
+                                "the coordinator at {} was unreachable for {:?}",
+                                self.url,
+                                since.elapsed()
+                            )
+                        });
+                    }
+                    let wait = backoff.next();
+                    tracing::warn!(error = %s.message(), retry_in = ?wait, "the coordinator is unreachable; registering again");
+                    std::thread::sleep(wait);
+                    continue;
+                }
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                    let since = *taken_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= patience.taken_rank {
+                        return Err(rpc("Register")(s));
+                    }
+                    if last_note.elapsed() > Duration::from_secs(5) || since.elapsed().is_zero() {
+                        tracing::info!(error = %s.message(), waited = ?since.elapsed(), "the rank is held; asking again until its holder's lease runs out");
+                        last_note = Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                Err(s) => return Err(rpc("Register")(s)),
+            };
+            unreachable = None;
+            taken_since = None;
             if let Some(wire) = r.rendezvous {
                 let rendezvous = Rendezvous::try_from(wire).map_err(|e| {
                     WorkerError::Invalid(format!("the coordinator's rendezvous: {e}"))
                 })?;
                 return Ok(Joined {
                     rank: r.rank,
+                    ring_rank: r.ring_rank,
                     world_size: r.world_size,
                     generation: r.generation,
                     rendezvous,
@@ -183,24 +295,31 @@ impl CoordinatorLink {
             if last_note.elapsed() > Duration::from_secs(10) {
                 tracing::info!(
                     rank = r.rank,
+                    generation = r.generation,
                     world_size = r.world_size,
-                    "waiting for the other workers to register"
+                    "waiting for the ring of the generation to form"
                 );
                 last_note = Instant::now();
             }
-            // Re-registering (same member id, same rank) renews the lease while waiting.
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    /// Starts the heartbeat task: every third of the lease it renews it; a refusal (another
-    /// generation, a lost lease) or a failed run sets the stop reason the training loop reads.
-    pub fn keep_lease(&self, joined: &Joined, member_id: &str) {
+    /// Starts the heartbeat task of `joined`'s generation (ending the previous one, and
+    /// clearing the stop flag): every third of the lease, at most every second, it renews
+    /// the lease. A refusal (another generation, a lost lease) asks training to re-form; a
+    /// failed run, or a coordinator unreachable for longer than `patience`, stops it.
+    pub fn keep_lease(&mut self, joined: &Joined, member_id: &str, patience: Duration) {
+        if let Some(old) = self.heartbeat.take() {
+            old.abort();
+        }
+        *self.stop.lock().expect("stop flag") = None;
+        *self.abort.lock().expect("abort handle") = None;
         let mut client = self.client.clone();
         let stop = self.stop.clone();
         let abort = self.abort.clone();
         // Stops training and interrupts a collective blocked on a peer that is gone.
-        let halt = move |why: String| {
+        let halt = move |why: Halt| {
             *stop.lock().expect("stop flag") = Some(why);
             if let Some(a) = abort.lock().expect("abort handle").as_ref() {
                 a.abort();
@@ -211,41 +330,44 @@ impl CoordinatorLink {
             generation: joined.generation,
             member_id: member_id.to_string(),
         };
-        let every = joined.lease / 3;
-        let lease = joined.lease;
-        self.rt.spawn(async move {
+        let every = (joined.lease / 3).min(Duration::from_secs(1));
+        self.heartbeat = Some(self.rt.spawn(async move {
             let mut last_ok = Instant::now();
+            let mut last_warning: Option<Instant> = None;
             loop {
                 tokio::time::sleep(every).await;
                 match client.heartbeat(request.clone()).await {
                     Ok(r) => {
                         last_ok = Instant::now();
                         if r.into_inner().state == RunState::Failed as i32 {
-                            halt("the coordinator says the run failed".into());
+                            halt(Halt::Fatal("the coordinator says the run failed".into()));
                             return;
                         }
                     }
                     Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                        halt(format!(
+                        halt(Halt::Reform(format!(
                             "the coordinator refused the heartbeat: {}",
                             s.message()
-                        ));
+                        )));
                         return;
                     }
                     Err(s) => {
-                        tracing::warn!(error = %s.message(), "heartbeat failed; retrying");
-                        if last_ok.elapsed() > lease {
-                            halt(format!(
-                                "no heartbeat reached the coordinator for {:?} (the lease): {}",
+                        if last_ok.elapsed() > patience {
+                            halt(Halt::Fatal(format!(
+                                "no heartbeat reached the coordinator for {:?}: {}",
                                 last_ok.elapsed(),
                                 s.message()
-                            ));
+                            )));
                             return;
+                        }
+                        if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                            tracing::warn!(error = %s.message(), "heartbeat failed; training goes on, retrying");
+                            last_warning = Some(Instant::now());
                         }
                     }
                 }
             }
-        });
+        }));
     }
 
     /// From now on, a refused heartbeat also aborts `abort`'s collective, so a rank blocked
@@ -254,22 +376,22 @@ impl CoordinatorLink {
         *self.abort.lock().expect("abort handle") = Some(abort);
     }
 
-    /// Why training must stop, if the coordinator said so.
-    pub fn stop_reason(&self) -> Option<String> {
+    /// Why training must stop, if it must.
+    pub fn stop_reason(&self) -> Option<Halt> {
         self.stop.lock().expect("stop flag").clone()
     }
 
     /// The stretch of training for this rank.
-    pub fn next_work(&mut self, joined: &Joined) -> Result<WorkAssignment> {
+    pub fn next_work(&self, joined: &Joined) -> Result<WorkAssignment> {
+        let mut client = self.client.clone();
         let req = WorkRequest {
             rank: joined.rank,
             generation: joined.generation,
         };
-        Ok(self
-            .rt
-            .block_on(self.client.next_work(req))
-            .map_err(rpc("NextWork"))?
-            .into_inner())
+        self.rt
+            .block_on(client.next_work(req))
+            .map(tonic::Response::into_inner)
+            .map_err(|s| stale_or(s, "NextWork"))
     }
 
     /// Queues a progress report; the training thread does not wait for it.
@@ -278,12 +400,27 @@ impl CoordinatorLink {
     }
 
     /// Sends a progress report after every queued one and waits for the answer (the final
-    /// report).
-    pub fn report_and_wait(&self, report: ProgressReport) -> Result<RunState> {
+    /// report). An unreachable coordinator is retried with backoff for `patience`; a
+    /// refusal of the generation asks to re-form.
+    pub fn report_and_wait(&self, report: ProgressReport, patience: Duration) -> Result<RunState> {
         let gone = || WorkerError::Invalid("the progress reporter stopped".into());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.reports.send((report, Some(tx))).map_err(|_| gone())?;
-        self.rt.block_on(rx).map_err(|_| gone())?
+        let started = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.reports.send((report, Some(tx))).map_err(|_| gone())?;
+            match self.rt.block_on(rx).map_err(|_| gone())? {
+                Err(WorkerError::Rpc { status, .. })
+                    if transient(status.code()) && started.elapsed() < patience =>
+                {
+                    let wait = backoff.next();
+                    tracing::warn!(error = %status.message(), retry_in = ?wait, "the progress report did not reach the coordinator; sending it again");
+                    std::thread::sleep(wait);
+                }
+                Err(WorkerError::Rpc { status, what }) => return Err(stale_or(*status, &what)),
+                other => return other,
+            }
+        }
     }
 
     /// Rank 0: tells the coordinator a checkpoint was committed (without blocking).

@@ -39,6 +39,11 @@ pub enum WorkerError {
     /// The token or TLS files to reach the coordinator with cannot be used.
     #[error(transparent)]
     Auth(#[from] ddpm_auth::AuthError),
+    /// The ring of this generation cannot go on (a peer died or hung, or the coordinator
+    /// moved the run to another generation): the worker registers again and trains on in
+    /// the next generation.
+    #[error("{0}")]
+    Reform(String),
     /// The coordinator refused a request or could not be reached.
     #[error("coordinator {what}: {status}")]
     Rpc {
@@ -47,6 +52,24 @@ pub enum WorkerError {
         /// Its status (code and message).
         status: Box<tonic::Status>,
     },
+}
+
+impl WorkerError {
+    /// Whether the worker should register again and go on in the next generation, rather
+    /// than stop: the coordinator moved the run on, or a collective failed because of a
+    /// peer (it died, hung, or belongs to another generation). A collective used wrongly
+    /// by this process is not.
+    pub fn needs_reform(&self) -> bool {
+        use ddpm_collective::CollectiveError as C;
+        match self {
+            WorkerError::Reform(_) => true,
+            WorkerError::Collective(c) => matches!(
+                c,
+                C::Timeout { .. } | C::Peer { .. } | C::Aborted { .. } | C::Mismatch { .. }
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Result alias of this crate.

@@ -11,15 +11,20 @@ use std::time::Duration;
 /// the coordinator, which assigns its rank (or honours --rank), hands out the resolved config
 /// and the collective's rendezvous, and says where in the data and the schedule to start.
 /// The worker trains its share of every global batch and all-reduces gradients with the other
-/// ranks; rank 0 commits the checkpoints and writes the weights to run.out_dir.
+/// ranks; ring rank 0 commits the checkpoints and writes the weights to run.out_dir.
+///
+/// When a peer dies or hangs, or the coordinator moves the run to another generation (or
+/// restarts), the worker registers again and trains on in the next generation from the
+/// newest committed checkpoint; it exits only when the run is finished or failed, or the
+/// coordinator stays unreachable for --connect-timeout-secs.
 #[derive(Parser, Debug)]
 #[command(name = "worker", version)]
 struct Args {
     /// The coordinator, e.g. http://10.0.0.5:50051.
     #[arg(long)]
     coordinator: String,
-    /// The rank to take (0..world_size); a rank held by a live worker is refused. Default:
-    /// any free rank.
+    /// The rank slot to take (0..world_size, or 0..elastic.max_workers); a rank held by a
+    /// live worker is refused after --wait-for-rank-secs. Default: any free rank.
     #[arg(long)]
     rank: Option<u32>,
     /// Device: cpu, cuda or cuda:K.
@@ -37,9 +42,15 @@ struct Args {
     /// Rank 0's output directory (overrides run.out_dir).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Seconds to keep trying to reach the coordinator.
+    /// Seconds to keep trying to reach the coordinator: at start, and whenever it is
+    /// unreachable later (a restart), before giving up.
     #[arg(long, default_value_t = 120)]
     connect_timeout_secs: u64,
+    /// Seconds to keep asking for a --rank that another worker holds: a replacement that
+    /// starts before its dead predecessor's lease ran out gets the rank then. Longer than
+    /// distributed.lease_secs by default.
+    #[arg(long, default_value_t = 45)]
+    wait_for_rank_secs: u64,
     /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -86,6 +97,7 @@ fn start(a: Args) -> anyhow::Result<()> {
         threads: a.threads,
         out: a.out,
         connect_patience: Duration::from_secs(a.connect_timeout_secs),
+        taken_rank_patience: Duration::from_secs(a.wait_for_rank_secs),
         security,
     })?;
     Ok(())

@@ -1,20 +1,25 @@
-//! One worker process from registration to the last step: join the run, form the collective,
-//! restore the assigned checkpoint, broadcast rank 0's parameters, train, report.
+//! One worker process from registration to the last step. Per generation: join it, restore
+//! the assigned checkpoint, form the collective, broadcast ring rank 0's parameters, train,
+//! report. When the generation fails (a peer died or hung, or the coordinator moved the run
+//! on or restarted), the worker registers again, saying which generation failed, and trains
+//! on in the next one from the newest committed checkpoint.
 
 use crate::checkpoints::Checkpoints;
-use crate::client::{CoordinatorLink, Identity, Joined};
-use crate::error::{ensure, Context, Result, WorkerError};
+use crate::client::{CoordinatorLink, Identity, JoinPatience, Joined};
+use crate::error::{chain, ensure, Context, Result, WorkerError};
 use crate::exchange::{broadcast_from_rank0, GradientExchange};
 use crate::train_loop::{self, LogLine, LoopObserver, LoopSetup, Ranks};
 use ddpm_collective::tcp::{RingOptions, TcpRing};
 use ddpm_collective::Collective;
 use ddpm_config::{CollectiveBackend, Config};
 use ddpm_data::epoch::Cursor;
+use ddpm_data::samples::SampleSource;
 use ddpm_proto::v1::{CheckpointNotice, ProgressReport};
 use ddpm_proto::Rendezvous;
 use ddpm_trainer::Trainer;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tch::Device;
 
@@ -37,8 +42,10 @@ pub struct WorkerOptions {
     pub threads: Option<i64>,
     /// Rank 0's output directory (overrides `run.out_dir`).
     pub out: Option<PathBuf>,
-    /// How long to keep trying to reach the coordinator.
+    /// How long to keep trying to reach the coordinator (at start, and when it restarts).
     pub connect_patience: Duration,
+    /// How long to keep asking for a `--rank` another worker holds.
+    pub taken_rank_patience: Duration,
     /// The token and TLS files to reach the coordinator with.
     pub security: ddpm_auth::ClientSecurity,
 }
@@ -62,6 +69,9 @@ fn received_config(joined: &Joined, o: &WorkerOptions) -> Result<Config> {
     }
     Ok(cfg)
 }
+
+/// Generations in a row that may fail before a single step before the worker gives up.
+pub const MAX_FRUITLESS_GENERATIONS: u32 = 20;
 
 fn form_ring(joined: &Joined, listener: TcpListener, cfg: &Config) -> Result<TcpRing> {
     let peers = match &joined.rendezvous {
@@ -94,7 +104,7 @@ fn form_ring(joined: &Joined, listener: TcpListener, cfg: &Config) -> Result<Tcp
         ..RingOptions::default()
     };
     Ok(TcpRing::connect(
-        joined.rank as usize,
+        joined.ring_rank as usize,
         listener,
         &addrs,
         options,
@@ -111,6 +121,8 @@ struct Reporter<'a> {
     total: u64,
     /// The last progress report made.
     last: Option<ProgressReport>,
+    /// Steps completed in this generation.
+    steps: u64,
 }
 
 impl Reporter<'_> {
@@ -146,6 +158,10 @@ fn report_of(joined: &Joined, line: &LogLine) -> ProgressReport {
 }
 
 impl LoopObserver for Reporter<'_> {
+    fn stepped(&mut self, _step: u64) {
+        self.steps += 1;
+    }
+
     fn logged(&mut self, line: &LogLine) {
         line.record_gauges(self.joined.rank as usize);
         line.trace();
@@ -157,7 +173,7 @@ impl LoopObserver for Reporter<'_> {
         self.notice_checkpoints();
     }
 
-    fn stop_reason(&mut self) -> Option<String> {
+    fn stop_reason(&mut self) -> Option<crate::client::Halt> {
         self.link.stop_reason()
     }
 
@@ -172,18 +188,18 @@ impl LoopObserver for Reporter<'_> {
         });
         report.step = step;
         report.loss = loss;
-        if let Err(e) = self.link.report_and_wait(report) {
+        if let Err(e) = self.link.report_and_wait(report, Duration::from_secs(10)) {
             tracing::warn!(error = %e, "the non-finite loss was not reported to the coordinator");
         }
     }
 }
 
-/// Runs one worker to the end of its assignment.
-pub fn run(o: WorkerOptions) -> Result<()> {
+/// Binds this generation's ring listener and the address the other ranks reach it at.
+fn ring_listener(o: &WorkerOptions) -> Result<(TcpListener, String)> {
     let listener = TcpListener::bind(o.ring_listen)
         .with_context(|| format!("binding the ring listener on {}", o.ring_listen))?;
     let bound = listener.local_addr().context("ring listener address")?;
-    let ring_address = match &o.advertise {
+    let address = match &o.advertise {
         Some(host) => format!("{host}:{}", bound.port()),
         None => {
             ensure!(
@@ -193,41 +209,112 @@ pub fn run(o: WorkerOptions) -> Result<()> {
             bound.to_string()
         }
     };
+    Ok((listener, address))
+}
+
+/// The training data, opened once and kept across generations while `data` is unchanged.
+#[derive(Default)]
+struct DataCache(Option<(ddpm_config::DataConfig, Arc<dyn SampleSource>)>);
+
+impl DataCache {
+    fn open(&mut self, data: &ddpm_config::DataConfig) -> Result<Arc<dyn SampleSource>> {
+        if let Some((cfg, source)) = &self.0 {
+            if cfg == data {
+                return Ok(source.clone());
+            }
+        }
+        let source = crate::dataset::open_training_source(data)
+            .with_context(|| format!("opening data.source {:?}", data.source))?;
+        self.0 = Some((data.clone(), source.clone()));
+        Ok(source)
+    }
+}
+
+/// Runs one worker to the end of the run, through as many generations as it takes.
+pub fn run(o: WorkerOptions) -> Result<()> {
     let host = host_name();
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    let me = Identity {
-        requested_rank: o.rank,
-        host: host.clone(),
-        device: o.device_name.clone(),
-        member_id: format!("{host}:{}:{started}", std::process::id()),
-        ring_address,
-    };
+    let member_id = format!("{host}:{}:{started}", std::process::id());
     let mut link = CoordinatorLink::connect(&o.coordinator, o.connect_patience, &o.security)?;
-    tracing::info!(coordinator = %link.url(), ring = %me.ring_address, "registering");
-    let joined = link.join(&me)?;
-    link.keep_lease(&joined, &me.member_id);
-    let span = tracing::info_span!("worker", rank = joined.rank, generation = joined.generation);
-    let _guard = span.enter();
-    tracing::info!(world_size = joined.world_size, "joined the run");
-    let cfg = received_config(&joined, &o)?;
+    let patience = JoinPatience {
+        coordinator: o.connect_patience,
+        taken_rank: o.taken_rank_patience,
+    };
+    let mut data = DataCache::default();
+    let mut failed_generation = 0;
+    let mut fruitless = 0;
+    loop {
+        let (listener, ring_address) = ring_listener(&o)?;
+        let me = Identity {
+            requested_rank: o.rank,
+            host: host.clone(),
+            device: o.device_name.clone(),
+            member_id: member_id.clone(),
+            ring_address,
+        };
+        tracing::info!(coordinator = %link.url(), ring = %me.ring_address, failed_generation, "registering");
+        let joined = link.join(&me, failed_generation, patience)?;
+        link.keep_lease(&joined, &me.member_id, o.connect_patience);
+        let span = tracing::info_span!(
+            "worker",
+            rank = joined.rank,
+            ring_rank = joined.ring_rank,
+            generation = joined.generation
+        );
+        let _guard = span.enter();
+        tracing::info!(world_size = joined.world_size, "joined the ring");
+        let mut steps = 0;
+        match generation(&o, &link, &joined, listener, &mut data, &mut steps) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.needs_reform() => {
+                fruitless = if steps == 0 { fruitless + 1 } else { 0 };
+                if fruitless >= MAX_FRUITLESS_GENERATIONS {
+                    return Err(WorkerError::Invalid(format!(
+                        "{fruitless} generations in a row failed before a single step; the last: {}",
+                        chain(&e)
+                    )));
+                }
+                tracing::warn!(
+                    error = %chain(&e),
+                    steps,
+                    "generation {} cannot go on; registering again for the next one",
+                    joined.generation
+                );
+                failed_generation = joined.generation;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One generation: restore, form the ring, train to the end (Ok), or fail; `steps` counts
+/// the steps it completed.
+fn generation(
+    o: &WorkerOptions,
+    link: &CoordinatorLink,
+    joined: &Joined,
+    listener: TcpListener,
+    data_cache: &mut DataCache,
+    steps: &mut u64,
+) -> Result<()> {
+    let cfg = received_config(joined, o)?;
     ensure!(
         cfg.distributed.backend == CollectiveBackend::Tcp,
         "distributed.backend = \"nccl\" is not built into this worker yet; use \"tcp\""
     );
-    let work = link.next_work(&joined)?;
+    let work = link.next_work(joined)?;
     let out = o
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(&cfg.run.out_dir));
     let mut trainer = Trainer::new(&cfg, o.device)?;
-    let rank0 = joined.rank == 0;
+    let rank0 = joined.ring_rank == 0;
     let checkpoints = Checkpoints::open(&cfg, &out)?;
     let mut cursor = Cursor::at(work.epoch, work.position);
-    let data = crate::dataset::open_training_source(&cfg.data)
-        .with_context(|| format!("opening data.source {:?}", cfg.data.source))?;
+    let data = data_cache.open(&cfg.data)?;
     let data_order = data.order().describe();
     if !work.restore_url.is_empty() {
         let r = checkpoints
@@ -261,7 +348,7 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     // distributed.collective_timeout_secs), and declared after the trainer and the
     // checkpoints so that on an error it is dropped first: its sockets close and the other
     // ranks fail at once instead of waiting out the collective timeout.
-    let mut ring = form_ring(&joined, listener, &cfg)?;
+    let mut ring = form_ring(joined, listener, &cfg)?;
     link.abort_on_stop(ring.abort_handle());
     tracing::info!("ring formed");
     // Every rank starts from rank 0's parameters and EMA, whatever it initialised or loaded.
@@ -278,15 +365,16 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         checkpoints.prepare(&trainer);
     }
     let mut reporter = Reporter {
-        link: &link,
-        joined: &joined,
+        link,
+        joined,
         checkpoints: rank0.then_some(&checkpoints),
         reported_checkpoint: None,
         url: checkpoints.url().to_string(),
         total: cfg.train.total_steps as u64,
         last: None,
+        steps: 0,
     };
-    let outcome = train_loop::train(
+    let trained = train_loop::train(
         &mut trainer,
         LoopSetup {
             cfg: &cfg,
@@ -301,7 +389,29 @@ pub fn run(o: WorkerOptions) -> Result<()> {
             }),
         },
         &mut reporter,
-    )?;
+    );
+    *steps = reporter.steps;
+    let outcome = match trained {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            if rank0 && e.needs_reform() {
+                let checkpoints_url = checkpoints.url().to_string();
+                // Commit what is in flight before registering again: the next generation
+                // starts from the newest committed checkpoint, which may be this one.
+                drop(ring);
+                let uploads = checkpoints.finish();
+                if let Some(step) = uploads.last_committed {
+                    link.checkpoint_committed(CheckpointNotice {
+                        rank: joined.rank,
+                        generation: joined.generation,
+                        step,
+                        url: checkpoints_url.clone(),
+                    });
+                }
+            }
+            return Err(e);
+        }
+    };
     // Every rank is past the last all-reduce; rank 0 may now wait for its uploads without
     // anyone waiting on it in a collective.
     ring.barrier("the end of training")?;
@@ -338,7 +448,7 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         data_wait_fraction: last_line.as_ref().map_or(0.0, |l| l.data_wait_fraction),
         allreduce_seconds: last_line.as_ref().map_or(0.0, |l| l.allreduce_seconds),
     };
-    let state = link.report_and_wait(final_report)?;
+    let state = link.report_and_wait(final_report, o.connect_patience)?;
     tracing::info!(step, state = ?state, "done");
     Ok(())
 }

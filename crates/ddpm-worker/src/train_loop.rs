@@ -109,9 +109,10 @@ pub trait LoopObserver {
     fn stepped(&mut self, _step: u64) {}
     /// After every logged window.
     fn logged(&mut self, _line: &LogLine) {}
-    /// Before every step: `Some(reason)` stops the loop with an error (e.g. the coordinator
-    /// moved the run to another generation).
-    fn stop_reason(&mut self) -> Option<String> {
+    /// Before every step: `Some(halt)` stops the loop with an error:
+    /// [`crate::WorkerError::Reform`] when the coordinator moved the run to another
+    /// generation, [`crate::WorkerError::Invalid`] when the run must stop.
+    fn stop_reason(&mut self) -> Option<crate::client::Halt> {
         None
     }
     /// The loss of the step after `step` is not finite: the loop stops with an error right
@@ -233,11 +234,16 @@ pub fn train(
         let step_span = tracing::info_span!("step", rank, step = done + 1);
         let _in_step = step_span.enter();
         let step_start = Instant::now();
-        if let Some(reason) = observer.stop_reason() {
-            return Err(crate::WorkerError::Invalid(format!(
-                "rank {rank} stopped before step {}: {reason}",
-                done + 1
-            )));
+        if let Some(halt) = observer.stop_reason() {
+            let before = format!("rank {rank} stopped before step {}", done + 1);
+            return Err(match halt {
+                crate::client::Halt::Reform(why) => {
+                    crate::WorkerError::Reform(format!("{before}: {why}"))
+                }
+                crate::client::Halt::Fatal(why) => {
+                    crate::WorkerError::Invalid(format!("{before}: {why}"))
+                }
+            });
         }
         let b = loader.next_batch()?;
         cursor = b.cursor.clone();
