@@ -206,7 +206,7 @@ fn sibling(name: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() {
+fn a_taken_rank_is_refused_and_a_hung_peer_times_out_and_the_ring_re_forms_when_it_wakes() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
@@ -216,7 +216,7 @@ fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() 
     write_idx(&idx);
     let cfg = config(root, "hang", &format!("idx:{}", path(&idx)));
     // Long enough to be mid-run when a worker is stopped; a short collective timeout, and a
-    // lease longer than it so the timeout (not the coordinator) ends the run.
+    // lease longer than it so the timeout (not the coordinator) ends the generation.
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("total_steps = 5", "total_steps = 100000")
@@ -236,7 +236,7 @@ fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() 
             "2",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(root.join("coordinator.log")).unwrap())
         .spawn()
         .unwrap();
     let mut first = String::new();
@@ -254,13 +254,14 @@ fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() 
     let worker = |rank: &str, log: &str| {
         Command::new(sibling("worker"))
             .args(["--coordinator", &url, "--rank", rank, "--threads", "1"])
+            .args(["--wait-for-rank-secs", "0"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(root.join(log)).unwrap())
             .spawn()
             .unwrap()
     };
     let mut w0 = worker("0", "w0.log");
-    let mut w1 = worker("1", "w1.log");
+    let w1 = worker("1", "w1.log");
     // Wait for training to run (rank 0 logs every step).
     let log = root.join("hang/train_log.jsonl");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -273,12 +274,21 @@ fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() 
     let err = std::fs::read_to_string(root.join("dup.log")).unwrap();
     assert!(!dup.success(), "{err}");
     assert!(err.contains("rank 0 is taken by"), "{err}");
-    // Stop rank 1: rank 0 blocks in the next all-reduce and must time out on its own.
+    // Stop rank 1: rank 0 blocks in the next all-reduce and must time out on its own, then
+    // register again, moving the run to generation 2, which waits for rank 1.
     unsafe { libc::kill(w1.id() as i32, libc::SIGSTOP) };
     let stopped = Instant::now();
-    let status = w0.wait().unwrap();
-    let err = std::fs::read_to_string(root.join("w0.log")).unwrap();
-    assert!(!status.success(), "{err}");
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read("w0.log").contains("registering again for the next one") {
+        assert!(
+            Instant::now() < deadline,
+            "rank 0 did not give generation 1 up: {}",
+            read("w0.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = read("w0.log");
     assert!(
         err.contains("all_reduce")
             && err.contains("at step")
@@ -287,14 +297,32 @@ fn a_taken_rank_is_refused_and_a_stopped_peer_times_out_naming_the_collective() 
         "the error names the collective, the step and the peer: {err}"
     );
     assert!(
-        stopped.elapsed() < Duration::from_secs(60),
+        stopped.elapsed() < Duration::from_secs(30),
         "the timeout is 4 s, it took {:?}",
         stopped.elapsed()
     );
-    let _ = w1.kill();
-    let _ = w1.wait();
-    let _ = coordinator.kill();
-    let _ = coordinator.wait();
+    assert!(
+        w0.try_wait().unwrap().is_none(),
+        "rank 0 waits for the ring to re-form"
+    );
+    // Rank 1 wakes up: its heartbeat of generation 1 is refused, it registers again, and
+    // generation 2 forms with both, from the newest committed checkpoint.
+    unsafe { libc::kill(w1.id() as i32, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read("coordinator.log").contains("the ring of generation 2 is formed with 2 worker(s)")
+        || !read("w0.log").contains("generation=2}: ddpm_worker::run: ring formed")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "generation 2 did not form: {}",
+            read("coordinator.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for mut p in [w0, w1, coordinator] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
 }
 
 #[test]

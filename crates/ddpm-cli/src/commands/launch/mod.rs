@@ -4,18 +4,21 @@
 //! the workers and the evaluator through their environment, its `[tls]` client files
 //! through their flags.
 
+mod procs;
+
 use super::load_config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ddpm_telemetry::LogFormat;
-use std::io::{BufRead, BufReader, Read, Write};
+use procs::{
+    coordinator_address, forward_worker_stdout, sibling, spawn, supervise, OnFailure, Proc,
+};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Arguments of `ddpm launch`.
 #[derive(Args, Debug)]
@@ -48,218 +51,13 @@ pub struct LaunchArgs {
     /// `worker R metrics on IP:PORT` lines as soon as each is known.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
-}
-
-/// How long the coordinator may take to finish after every worker exited successfully.
-const COORDINATOR_GRACE: Duration = Duration::from_secs(30);
-
-/// A child process, its name in the logs and the threads copying its output.
-struct Proc {
-    name: String,
-    child: Child,
-    status: Option<ExitStatus>,
-    forwarders: Vec<JoinHandle<()>>,
-}
-
-impl Proc {
-    /// Whether it has exited (recording the status).
-    fn poll(&mut self) -> Result<Option<ExitStatus>> {
-        if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .with_context(|| format!("waiting for {}", self.name))?;
-        }
-        Ok(self.status)
-    }
-
-    /// Kills it if it still runs, reaps it, and waits until its last lines are printed.
-    fn stop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            self.status = self.child.wait().ok();
-        }
-        for f in self.forwarders.drain(..) {
-            let _ = f.join();
-        }
-    }
-}
-
-/// The directory holding this executable, where `coordinator` and `worker` are built too.
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the ddpm executable")?;
-    let path = exe.with_file_name(name);
-    anyhow::ensure!(
-        path.is_file(),
-        "{} not found next to {} (build every binary: cargo build --release --bins)",
-        path.display(),
-        exe.display()
-    );
-    Ok(path)
-}
-
-/// Copies each line of `from` to stderr, prefixed with `[name]`.
-fn forward(name: String, from: impl Read + Send + 'static) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[{name}] {line}");
-        }
-    })
-}
-
-/// Copies a worker's stdout like [`forward`], except its `worker metrics on ADDR` line, which
-/// goes to this process's stdout as `worker RANK metrics on ADDR`.
-fn forward_worker_stdout(
-    name: String,
-    rank: u32,
-    from: impl Read + Send + 'static,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines() {
-            let Ok(line) = line else { break };
-            match line.strip_prefix("worker metrics on ") {
-                Some(addr) => {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "worker {rank} metrics on {addr}");
-                    let _ = out.flush();
-                }
-                None => eprintln!("[{name}] {line}"),
-            }
-        }
-    })
-}
-
-/// Starts `cmd` with its stderr (and stdout unless `keep_stdout`) forwarded; the child is
-/// killed if this process dies.
-fn spawn(name: &str, cmd: &mut Command, keep_stdout: bool) -> Result<Proc> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls between fork and exec. PR_SET_PDEATHSIG asks the
-    // kernel to kill the child when the launcher dies, so no worker outlives it; if the
-    // launcher died before the prctl took effect, the child exits at once.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {name} ({cmd:?})"))?;
-    let mut forwarders = vec![forward(name.into(), child.stderr.take().expect("piped"))];
-    if !keep_stdout {
-        forwarders.push(forward(name.into(), child.stdout.take().expect("piped")));
-    }
-    Ok(Proc {
-        name: name.to_string(),
-        child,
-        status: None,
-        forwarders,
-    })
-}
-
-/// Reads the coordinator's first stdout line, `coordinator listening on ADDR`, and with
-/// `metrics` the next, `coordinator metrics on ADDR` (printed on this process's stdout),
-/// then forwards the rest. Fails (after printing its last words) if it exits before.
-fn coordinator_address(p: &mut Proc, metrics: bool) -> Result<String> {
-    let stdout = p.child.stdout.take().context("coordinator stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    p.forwarders.push(std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut first = String::new();
-        let _ = reader.read_line(&mut first);
-        let _ = tx.send(first);
-        for line in reader.lines() {
-            let Ok(line) = line else { break };
-            if metrics && line.starts_with("coordinator metrics on ") {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            } else {
-                eprintln!("[coordinator] {line}");
-            }
-        }
-    }));
-    let first = rx.recv_timeout(Duration::from_secs(120));
-    let addr = first
-        .as_deref()
-        .ok()
-        .and_then(|l| l.trim().strip_prefix("coordinator listening on "))
-        .map(str::to_string);
-    match addr {
-        Some(a) => Ok(a),
-        None => {
-            p.stop();
-            match first {
-                Ok(l) if l.is_empty() => bail!(
-                    "the coordinator exited ({}) before listening; its log is above",
-                    p.status.map_or("unknown status".into(), |s| s.to_string())
-                ),
-                Ok(l) => bail!("unexpected first line from the coordinator: {l:?}"),
-                Err(_) => bail!("the coordinator did not say where it listens within 120 s"),
-            }
-        }
-    }
-}
-
-/// Waits for every process; the first failure or Ctrl-C stops the rest. With
-/// `coordinator_first`, `procs[0]` is the coordinator, which gets [`COORDINATOR_GRACE`] to
-/// finish once every worker has exited. An evaluator that fails does not stop the
-/// training: it is reported, and makes the launch fail at the end.
-fn supervise(procs: &mut [Proc], coordinator_first: bool, interrupted: &AtomicBool) -> Result<()> {
-    let mut workers_done: Option<Instant> = None;
-    let mut side_failure: Option<String> = None;
-    let failure = loop {
-        if interrupted.load(Ordering::SeqCst) {
-            break Some("interrupted (Ctrl-C)".to_string());
-        }
-        let mut failed = None;
-        for p in procs.iter_mut() {
-            let was_running = p.status.is_none();
-            if let Some(s) = p.poll()? {
-                if s.success() || !was_running {
-                    continue;
-                }
-                let why = format!("{} exited with {s}", p.name);
-                if p.name == "evaluator" {
-                    eprintln!("[launch] {why}; training goes on without it (its log is above)");
-                    side_failure.get_or_insert(why);
-                } else if failed.is_none() {
-                    failed = Some(why);
-                }
-            }
-        }
-        if failed.is_some() {
-            break failed;
-        }
-        if procs.iter().all(|p| p.status.is_some()) {
-            break None;
-        }
-        let mut workers = procs.iter().filter(|p| p.name.starts_with("worker"));
-        // Only while the coordinator runs: the evaluator may score the final checkpoint
-        // for long after the coordinator finished.
-        if coordinator_first && procs[0].status.is_none() && workers.all(|p| p.status.is_some()) {
-            let since = *workers_done.get_or_insert_with(Instant::now);
-            if since.elapsed() > COORDINATOR_GRACE {
-                break Some(format!(
-                    "every worker exited, but the coordinator did not finish the run within {COORDINATOR_GRACE:?}"
-                ));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    for p in procs.iter_mut() {
-        p.stop();
-    }
-    match failure.or(side_failure) {
-        Some(why) => bail!("{why}; stopped the other processes"),
-        None => Ok(()),
-    }
+    /// Start a worker or the coordinator that fails (exits non-zero, or is killed) again,
+    /// as a Kubernetes StatefulSet restarts its pod, up to N times in all: a worker with its
+    /// rank, the coordinator on its address. The run goes on in a new generation from the
+    /// newest committed checkpoint. 0: the first failure stops every process (except
+    /// workers beyond elastic.min_workers, without which the run goes on).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_restarts: u32,
 }
 
 /// Runs `ddpm launch`.
@@ -313,19 +111,22 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
             .context("installing the Ctrl-C handler")?;
     }
     let started = Instant::now();
-    let mut coordinator_cmd = Command::new(&coordinator);
-    coordinator_cmd.arg("--config").arg(&a.config).args([
-        "--world-size",
-        &a.workers.to_string(),
-        "--listen",
-        &a.listen,
-        "--log-format",
-        log_format,
-    ]);
-    if let Some(m) = a.metrics_listen {
-        coordinator_cmd.args(["--metrics-listen", &m.to_string()]);
-    }
-    let mut c = spawn("coordinator", &mut coordinator_cmd, true)?;
+    let coordinator_cmd = |listen: &str| {
+        let mut cmd = Command::new(&coordinator);
+        cmd.arg("--config").arg(&a.config).args([
+            "--world-size",
+            &a.workers.to_string(),
+            "--listen",
+            listen,
+            "--log-format",
+            log_format,
+        ]);
+        if let Some(m) = a.metrics_listen {
+            cmd.args(["--metrics-listen", &m.to_string()]);
+        }
+        cmd
+    };
+    let mut c = spawn("coordinator", &mut coordinator_cmd(&a.listen), true)?;
     let addr = coordinator_address(&mut c, a.metrics_listen.is_some())?;
     let url = format!("{}://{addr}", if tls { "https" } else { "http" });
     let mut procs = vec![c];
@@ -349,8 +150,7 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
             cmd.args(["--tls-server-name", name]);
         }
     };
-    tracing::info!(coordinator = %addr, workers = a.workers, "launching");
-    for rank in 0..a.workers {
+    let start_worker = |rank: u32| -> Result<Proc> {
         let mut cmd = Command::new(&worker);
         cmd.args(["--coordinator", &url])
             .args(["--rank", &rank.to_string()])
@@ -381,12 +181,15 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
         }
         secure(&mut cmd);
         let name = format!("worker {rank}");
-        match spawn(&name, &mut cmd, true) {
-            Ok(mut p) => {
-                let stdout = p.child.stdout.take().expect("piped");
-                p.forwarders.push(forward_worker_stdout(name, rank, stdout));
-                procs.push(p)
-            }
+        let mut p = spawn(&name, &mut cmd, true)?;
+        let stdout = p.child.stdout.take().expect("piped");
+        p.forwarders.push(forward_worker_stdout(name, rank, stdout));
+        Ok(p)
+    };
+    tracing::info!(coordinator = %addr, workers = a.workers, "launching");
+    for rank in 0..a.workers {
+        match start_worker(rank) {
+            Ok(p) => procs.push(p),
             Err(e) => {
                 procs.iter_mut().for_each(Proc::stop);
                 return Err(e);
@@ -412,7 +215,24 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
             }
         }
     }
-    supervise(&mut procs, true, &interrupted)?;
+    // Process i of `procs`: 0 the coordinator (again on the address it bound first, which
+    // the workers know), 1..=N the workers.
+    let mut respawn = |i: usize| -> Result<Proc> {
+        if i == 0 {
+            let mut c = spawn("coordinator", &mut coordinator_cmd(&addr), true)?;
+            coordinator_address(&mut c, a.metrics_listen.is_some())?;
+            Ok(c)
+        } else {
+            start_worker(i as u32 - 1)
+        }
+    };
+    let (min_workers, _) = cfg.elastic_bounds();
+    let on_failure = OnFailure {
+        restarts: a.max_restarts,
+        respawn: Some(&mut respawn),
+        spare_workers: (a.workers as i64 - min_workers).max(0) as u32,
+    };
+    supervise(&mut procs, true, &interrupted, on_failure)?;
     let secs = started.elapsed().as_secs_f64();
     let out = PathBuf::from(&cfg.run.out_dir);
     if a.sample_n > 0 {
@@ -432,7 +252,12 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
             false,
         )?;
         // Through the same supervision: Ctrl-C stops the sampling too.
-        supervise(std::slice::from_mut(&mut sampler), false, &interrupted)?;
+        supervise(
+            std::slice::from_mut(&mut sampler),
+            false,
+            &interrupted,
+            OnFailure::default(),
+        )?;
     }
     println!("{}", summary(&cfg.run.name, &out, a.workers, secs)?);
     Ok(())
