@@ -168,7 +168,7 @@ fn describe_metrics() {
         ("ddpm_workers_alive", "Workers holding a lease."),
         (
             "ddpm_generation",
-            "The ring generation (moves on when a running ring loses a member).",
+            "The ring generation (moves on when a running ring loses or gains a member, and when the coordinator restarts).",
         ),
         (
             "ddpm_train_step",
@@ -206,7 +206,14 @@ fn describe_metrics() {
             "ddpm_train_step_timestamp_seconds",
             "Unix time at which ddpm_train_step last moved (before that: when the coordinator started).",
         ),
-        ("ddpm_world_size", "Workers the run trains with."),
+        (
+            "ddpm_world_size",
+            "Workers in the ring of the current generation (the target while it forms).",
+        ),
+        (
+            "ddpm_world_size_target",
+            "distributed.world_size: workers a generation forms with at once.",
+        ),
         (
             "ddpm_run_finished",
             "1 once every rank reported the last step.",
@@ -275,6 +282,7 @@ impl CoordinatorService {
         );
         set_gauge("ddpm_train_step_timestamp_seconds", unix_now());
         set_gauge("ddpm_world_size", f64::from(world));
+        set_gauge("ddpm_world_size_target", f64::from(world));
         set_gauge("ddpm_run_finished", 0.0);
         metrics::gauge!("ddpm_run_info", "run" => config.run.name.clone()).set(1.0);
         metrics::counter!("ddpm_leases_expired_total").absolute(0);
