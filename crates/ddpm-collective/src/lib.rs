@@ -5,8 +5,11 @@
 //! collective, this rank and the peer it was waiting for.
 //!
 //! Backends: [`tcp::TcpRing`], a pipelined ring (reduce-scatter + all-gather) over TCP for
-//! CPU workers. The NCCL backend (cudarc, GPU tensors) is not built yet.
+//! CPU workers, and, with the cargo feature `nccl`, `nccl::NcclComm`: NCCL on device memory
+//! (the tensors' device pointers, on their CUDA stream), loaded at run time.
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 use std::time::Duration;
@@ -69,7 +72,7 @@ pub enum CollectiveError {
     /// peer is late (NCCL: every rank takes part in every step). The communicator has been
     /// aborted.
     #[error(
-        "{collective} on rank {rank}: timed out after {waited:?} waiting for {peers} (NCCL cannot tell which of them is late); the communicator was aborted"
+        "{collective} on rank {rank}: timed out after {waited:?} waiting for {peers} (NCCL does not say which rank is late); the communicator was aborted"
     )]
     GroupTimeout {
         /// The operation and the caller's context (e.g. "all_reduce bucket 3 at step 120").
