@@ -601,6 +601,17 @@ fn peers_of(rank: usize, world: usize) -> String {
     }
 }
 
+/// Refuses `NCCL_COMM_BLOCKING=1` (the variable's value `v`): NCCL lets it override
+/// `ncclConfig_t::blocking`, and blocking calls could not be bounded by the timeout.
+fn refuse_blocking(v: Option<OsString>) -> Result<()> {
+    match v {
+        Some(v) if v.to_str().map(str::trim) == Some("1") => Err(CollectiveError::Invalid(
+            "NCCL_COMM_BLOCKING=1 makes NCCL's calls blocking, so the collective timeouts could not be enforced; unset it".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `NCCL_CONFIG_INITIALIZER` of NCCL 2.30.3, non-blocking, named `name`.
 fn comm_config(name: &CStr) -> nsys::ncclConfig_t {
     nsys::ncclConfig_t {
@@ -707,6 +718,7 @@ impl NcclComm {
                 "NCCL communicator: the timeout must be positive".into(),
             ));
         }
+        refuse_blocking(std::env::var_os("NCCL_COMM_BLOCKING"))?;
         let nccl = NcclLib::get()?;
         let device = Device::open(device_ordinal)?;
         let what = format!(
@@ -1382,6 +1394,15 @@ mod tests {
             err.to_string().contains("timeout must be positive"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn blocking_nccl_calls_are_refused() {
+        let err = refuse_blocking(Some("1".into())).unwrap_err();
+        assert!(err.to_string().contains("NCCL_COMM_BLOCKING=1"), "{err}");
+        for ok in [None, Some("0".into()), Some("".into())] {
+            refuse_blocking(ok).unwrap();
+        }
     }
 
     #[test]
