@@ -492,21 +492,30 @@ impl Shared {
         self.slot.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Aborts the communicator unless it is already gone; `why` is what later calls report.
-    fn abort_comm(&self, why: &str) {
+    /// Ends the communicator with `end` (`ncclCommAbort` or `ncclCommDestroy`, named
+    /// `name`) unless it is already gone; `why` is what later calls report. Returns whether
+    /// this call ended it.
+    fn release(&self, end: CommFn, name: &str, why: &str) -> bool {
         let mut slot = self.lock();
         if slot.comm.is_null() {
-            return;
+            return false;
         }
         let comm = std::mem::replace(&mut slot.comm, std::ptr::null_mut());
         slot.released = Some(why.to_string());
         // SAFETY: `comm` is live (non-null in the slot) and, with the lock held, no other
         // NCCL call on it is running; it is cleared from the slot, so none will.
-        let r = unsafe { (self.nccl.comm_abort)(comm) };
+        let r = unsafe { end(comm) };
         if r != NCCL_SUCCESS {
-            tracing::warn!(rank = self.rank, result = %self.nccl.describe(r), "nccl: ncclCommAbort");
+            tracing::warn!(rank = self.rank, result = %self.nccl.describe(r), "nccl: {name}");
         }
-        tracing::warn!(rank = self.rank, reason = why, "nccl: communicator aborted");
+        true
+    }
+
+    /// Aborts the communicator unless it is already gone; `why` is what later calls report.
+    fn abort_comm(&self, why: &str) {
+        if self.release(self.nccl.comm_abort, "ncclCommAbort", why) {
+            tracing::warn!(rank = self.rank, reason = why, "nccl: communicator aborted");
+        }
     }
 
     /// Runs `f` on the live communicator with the lock held, or returns why it is gone.
@@ -599,6 +608,17 @@ fn peers_of(rank: usize, world: usize) -> String {
         (_, [init @ .., last]) => format!("ranks {} and {last}", init.join(", ")),
         (_, []) => unreachable!("count > 0 has ranges"),
     }
+}
+
+/// Whether a device buffer has anything to exchange (an empty one needs no call: NCCL does
+/// nothing for it either); a null address with data is the caller's bug.
+fn has_data(what: &str, ptr: u64, len: usize) -> Result<bool> {
+    if len > 0 && ptr == 0 {
+        return Err(CollectiveError::Invalid(format!(
+            "{what}: null device pointer for {len} values"
+        )));
+    }
+    Ok(len > 0)
 }
 
 /// Refuses `NCCL_COMM_BLOCKING=1` (the variable's value `v`): NCCL lets it override
@@ -806,13 +826,10 @@ impl NcclComm {
             slot.released = None;
         }
         if r != NCCL_SUCCESS && r != NCCL_IN_PROGRESS {
-            let reason = format!("ncclCommInitRankConfig failed: {}", nccl.describe(r));
-            self.shared.abort_comm(&reason);
-            return Err(CollectiveError::Backend {
-                collective: what.into(),
-                rank,
-                reason,
-            });
+            return Err(self.fail(
+                what,
+                format!("ncclCommInitRankConfig failed: {}", nccl.describe(r)),
+            ));
         }
         if raw.is_null() {
             return Err(CollectiveError::Backend {
@@ -839,7 +856,8 @@ impl NcclComm {
         }
     }
 
-    /// Fails when an abort was asked for or the deadline has passed (aborting then).
+    /// Fails when an abort was asked for (before or during the operation) or the deadline
+    /// has passed (aborting then).
     fn check_deadline(&self, what: &str, deadline: Instant, started: Instant) -> Result<()> {
         if self.shared.abort_requested.load(Ordering::SeqCst) {
             self.shared.abort_comm("aborted through its AbortHandle");
@@ -886,6 +904,17 @@ impl NcclComm {
         }
     }
 
+    /// `what` failed for `reason`: abort the communicator and say so.
+    fn fail(&self, what: &str, reason: String) -> CollectiveError {
+        let reason = format!("{reason}; the communicator was aborted");
+        self.shared.abort_comm(&format!("{what} failed: {reason}"));
+        CollectiveError::Backend {
+            collective: what.into(),
+            rank: self.shared.rank,
+            reason,
+        }
+    }
+
     /// NCCL reported `code` during `what`: abort and say so.
     fn nccl_failed(&self, what: &str, code: c_int) -> CollectiveError {
         let described = self.shared.nccl.describe(code);
@@ -897,15 +926,7 @@ impl NcclComm {
         } else {
             String::new()
         };
-        let reason = format!("NCCL reported {described}{hint}");
-        self.shared.abort_comm(&format!(
-            "{what} failed: {reason}; the communicator was aborted"
-        ));
-        CollectiveError::Backend {
-            collective: what.into(),
-            rank: self.shared.rank,
-            reason: format!("{reason}; the communicator was aborted"),
-        }
+        self.fail(what, format!("NCCL reported {described}{hint}"))
     }
 
     /// Makes the device's context current for the rest of an operation.
@@ -929,10 +950,7 @@ impl NcclComm {
     ) -> Result<()> {
         let started = Instant::now();
         let deadline = started + self.options.timeout;
-        if self.shared.abort_requested.load(Ordering::SeqCst) {
-            self.shared.abort_comm("aborted through its AbortHandle");
-            return Err(self.aborted(what));
-        }
+        self.check_deadline(what, deadline, started)?;
         let _bound = self.bind(what)?;
         let r = self
             .shared
@@ -949,15 +967,10 @@ impl NcclComm {
         // is the caller's (valid by the contract of the public functions).
         if let Err(e) = unsafe { cu::event::record(self.event, stream) } {
             let reason = format!(
-                "cuEventRecord on the caller's stream failed: {}; the communicator was aborted",
+                "cuEventRecord on the caller's stream failed: {}",
                 cuda_error(e)
             );
-            self.shared.abort_comm(&reason);
-            return Err(CollectiveError::Backend {
-                collective: what.into(),
-                rank: self.shared.rank,
-                reason,
-            });
+            return Err(self.fail(what, reason));
         }
         let mut backoff = Backoff::new();
         loop {
@@ -967,16 +980,11 @@ impl NcclComm {
                 Err(DriverError(cusys::CUresult::CUDA_ERROR_NOT_READY)) => {}
                 Err(e) => {
                     let reason = format!(
-                        "CUDA reported {} while this rank waited for {}; the communicator was aborted",
+                        "CUDA reported {} while this rank waited for {}",
                         cuda_error(e),
                         self.peers()
                     );
-                    self.shared.abort_comm(&reason);
-                    return Err(CollectiveError::Backend {
-                        collective: what.into(),
-                        rank: self.shared.rank,
-                        reason,
-                    });
+                    return Err(self.fail(what, reason));
                 }
             }
             match self.shared.poll() {
@@ -1010,13 +1018,8 @@ impl NcclComm {
         what: &str,
     ) -> Result<()> {
         let what = format!("all_reduce {what}");
-        if len == 0 {
+        if !has_data(&what, ptr, len)? {
             return Ok(());
-        }
-        if ptr == 0 {
-            return Err(CollectiveError::Invalid(format!(
-                "{what}: null device pointer for {len} values"
-            )));
         }
         let nccl_op = match op {
             ReduceOp::Sum => nsys::ncclRedOp_t::ncclSum,
@@ -1061,13 +1064,8 @@ impl NcclComm {
                 self.shared.world
             )));
         }
-        if len == 0 {
+        if !has_data(&what, ptr, len)? {
             return Ok(());
-        }
-        if ptr == 0 {
-            return Err(CollectiveError::Invalid(format!(
-                "{what}: null device pointer for {len} values"
-            )));
         }
         self.run(&what, stream.cast(), |nccl, comm| {
             let buf = ptr as *mut c_void;
@@ -1199,12 +1197,6 @@ impl Collective for NcclComm {
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize, what: &str) -> Result<()> {
-        if root >= self.shared.world {
-            return Err(CollectiveError::Invalid(format!(
-                "broadcast {what}: root {root} of a world of {}",
-                self.shared.world
-            )));
-        }
         let len = buf.len();
         self.staged(buf, &format!("broadcast {what}"), |comm, dev| {
             // SAFETY: as in all_reduce.
@@ -1239,17 +1231,8 @@ impl Drop for NcclComm {
                 let started = Instant::now();
                 match self.wait_nccl(what, started + self.options.timeout, started) {
                     Ok(()) => {
-                        let mut slot = self.shared.lock();
-                        if !slot.comm.is_null() {
-                            let comm = std::mem::replace(&mut slot.comm, std::ptr::null_mut());
-                            slot.released = Some("destroyed".into());
-                            // SAFETY: finalized, live, and cleared from the slot under the
-                            // lock, so no other call can reach it.
-                            let r = unsafe { (nccl.comm_destroy)(comm) };
-                            if r != NCCL_SUCCESS {
-                                tracing::warn!(rank = self.shared.rank, result = %nccl.describe(r), "nccl: ncclCommDestroy");
-                            }
-                        }
+                        self.shared
+                            .release(nccl.comm_destroy, "ncclCommDestroy", "destroyed");
                     }
                     // wait_nccl aborted it (timeout or error).
                     Err(e) => tracing::warn!(error = %e, "nccl: finalizing failed"),
@@ -1403,6 +1386,18 @@ mod tests {
         for ok in [None, Some("0".into()), Some("".into())] {
             refuse_blocking(ok).unwrap();
         }
+    }
+
+    #[test]
+    fn empty_buffers_need_no_call_and_null_ones_with_data_are_refused() {
+        assert!(!has_data("all_reduce x", 0, 0).unwrap());
+        assert!(!has_data("all_reduce x", 4096, 0).unwrap());
+        assert!(has_data("all_reduce x", 4096, 3).unwrap());
+        let err = has_data("all_reduce bucket 1", 0, 3).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "all_reduce bucket 1: null device pointer for 3 values"
+        );
     }
 
     #[test]
