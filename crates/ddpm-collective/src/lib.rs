@@ -5,8 +5,11 @@
 //! collective, this rank and the peer it was waiting for.
 //!
 //! Backends: [`tcp::TcpRing`], a pipelined ring (reduce-scatter + all-gather) over TCP for
-//! CPU workers. The NCCL backend (cudarc, GPU tensors) is not built yet.
+//! CPU workers, and, with the cargo feature `nccl`, `nccl::NcclComm`: NCCL on device memory
+//! (the tensors' device pointers, on their CUDA stream), loaded at run time.
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 use std::time::Duration;
@@ -65,6 +68,48 @@ pub enum CollectiveError {
     /// Bad arguments (the caller's bug).
     #[error("{0}")]
     Invalid(String),
+    /// The operation did not finish within the timeout, and the backend cannot tell which
+    /// peer is late (NCCL: every rank takes part in every step). The communicator has been
+    /// aborted.
+    #[error(
+        "{collective} on rank {rank}: timed out after {waited:?} waiting for {peers} (NCCL does not say which rank is late); the communicator was aborted"
+    )]
+    GroupTimeout {
+        /// The operation and the caller's context (e.g. "all_reduce bucket 3 at step 120").
+        collective: String,
+        /// This rank.
+        rank: usize,
+        /// The ranks waited for, in words (e.g. "ranks 1-3").
+        peers: String,
+        /// How long.
+        waited: Duration,
+    },
+    /// [`AbortHandle::abort`] was called while (or before) this rank waited for every other
+    /// rank (NCCL).
+    #[error("{collective} on rank {rank}: aborted while waiting for {peers}")]
+    GroupAborted {
+        /// The operation and the caller's context.
+        collective: String,
+        /// This rank.
+        rank: usize,
+        /// The ranks waited for, in words (e.g. "ranks 1-3").
+        peers: String,
+    },
+    /// The backend's library reported an error (an NCCL or CUDA error code, or NCCL's report
+    /// of a failed peer).
+    #[error("{collective} on rank {rank}: {reason}")]
+    Backend {
+        /// The operation and the caller's context.
+        collective: String,
+        /// This rank.
+        rank: usize,
+        /// The library's error and what it means here.
+        reason: String,
+    },
+    /// The backend cannot run on this host (its libraries are missing or too old); the
+    /// message says what to install or which backend to use instead.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Result alias for this crate.
