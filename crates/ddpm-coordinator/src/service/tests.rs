@@ -331,3 +331,53 @@ async fn an_already_complete_run_gives_zero_steps_and_finishes_on_the_final_repo
     svc.report_progress(report(1, 1, 3)).await.unwrap();
     assert!(svc.is_finished());
 }
+
+#[tokio::test]
+async fn a_reported_failure_re_forms_at_once_and_the_old_generation_changes_nothing() {
+    let Run { svc, store, .. } = run(2, 4, 10, "tcp");
+    svc.register(join("a", None)).await.unwrap();
+    svc.register(join("b", None)).await.unwrap();
+    svc.report_progress(report(0, 1, 2)).await.unwrap();
+    svc.report_progress(report(1, 1, 2)).await.unwrap();
+    // a's collective failed: it says so when it registers again; b has not noticed yet.
+    let mut again = join("a", None);
+    again.get_mut().failed_generation = 1;
+    let a = svc.register(again).await.unwrap().into_inner();
+    assert_eq!((a.generation, a.rendezvous), (2, None));
+    // The generation is in the store before anyone is told of it.
+    assert_eq!(crate::generation::read(&store, "t").await.unwrap(), 2);
+    let before = status(&svc).await;
+    // Everything b sends for generation 1 is refused and changes nothing.
+    let refused = [
+        svc.report_progress(report(1, 1, 3)).await.unwrap_err(),
+        work(&svc, 1, 1).await.unwrap_err(),
+        svc.heartbeat(Request::new(v1::HeartbeatRequest {
+            rank: 1,
+            generation: 1,
+            member_id: "b".into(),
+        }))
+        .await
+        .unwrap_err(),
+        svc.checkpoint_committed(Request::new(v1::CheckpointNotice {
+            rank: 0,
+            generation: 1,
+            step: 5,
+            url: svc.shared.store_url.clone(),
+        }))
+        .await
+        .unwrap_err(),
+    ];
+    for s in &refused {
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{}", s.message());
+        assert!(s.message().contains("generation 2"), "{}", s.message());
+    }
+    let after = status(&svc).await;
+    assert_eq!(
+        (after.generation, after.step, after.last_checkpoint_step),
+        (before.generation, before.step, before.last_checkpoint_step)
+    );
+    // b registers again: generation 2 forms with both, ring ranks by slot.
+    let b = svc.register(join("b", None)).await.unwrap().into_inner();
+    assert_eq!((b.generation, b.ring_rank), (2, 1));
+    assert!(b.rendezvous.is_some());
+}
