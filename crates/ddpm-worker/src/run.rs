@@ -41,6 +41,8 @@ pub struct WorkerOptions {
     pub connect_patience: Duration,
     /// The token and TLS files to reach the coordinator with.
     pub security: ddpm_auth::ClientSecurity,
+    /// Test mode: record each applied step's samples in this directory's data ledger.
+    pub ledger: Option<PathBuf>,
 }
 
 fn host_name() -> String {
@@ -286,6 +288,9 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         total: cfg.train.total_steps as u64,
         last: None,
     };
+    let ledger = (o.ledger.as_deref())
+        .map(|dir| crate::ledger::Ledger::open(dir, joined.rank, &me.member_id))
+        .transpose()?;
     let outcome = train_loop::train(
         &mut trainer,
         LoopSetup {
@@ -299,6 +304,8 @@ pub fn run(o: WorkerOptions) -> Result<()> {
                 comm: &mut ring,
                 exchange: GradientExchange::new(cfg.distributed.bucket_mb as usize),
             }),
+            generation: joined.generation,
+            ledger: ledger.as_ref(),
         },
         &mut reporter,
     )?;
