@@ -15,6 +15,8 @@
 //!  "draws":[[epoch,position,index],...],"unused":[[epoch,position,index],...]}
 //! ```
 //!
+//! (one line each, keys in any order).
+//!
 //! `draws` are this rank's rows that were trained on. `unused` (left out when empty) are
 //! samples this rank was dealt and consumed since its previous record without training on
 //! them: samples skipped as undecodable (`data.on_bad_sample = "skip"`), and every sample of
@@ -28,7 +30,10 @@
 //! Each line is written with one `write` call on an unbuffered file as soon as the step is
 //! applied, before anything else of the step (log, checkpoint). A process killed mid-write
 //! leaves a torn last line: the reader ignores it (and counts it), and [`Ledger::open`]
-//! cuts it off if the same file is opened again.
+//! cuts it off if the same file is opened again. A rank killed after the all-reduce of a
+//! step but before its line is written leaves that step without its record; that is
+//! harmless at the end of a generation that a later one redoes, and anywhere else the
+//! check reports the missing rank.
 //!
 //! # What is checked
 //!
@@ -192,8 +197,9 @@ impl Ledger {
         &self.path
     }
 
-    /// Appends `record` as one line, in one write, and syncs nothing further: the line is
-    /// in the kernel's hands when this returns, so it survives the process being killed.
+    /// Appends `record` as one line, written at once to the unbuffered file: when this
+    /// returns the line is the kernel's, so it survives the process being killed (not a
+    /// crash of the machine: there is no fsync).
     pub fn record(&self, record: &StepRecord) -> Result<()> {
         let mut line = record.to_json();
         line.push('\n');
@@ -407,8 +413,14 @@ pub fn check(dir: &Path, dataset_len: Option<usize>) -> Result<LedgerReport> {
             .entry(rec.step)
             .or_default();
         if let Some(first) = ranks.insert(rec.rank, r) {
+            // Two processes in one generation: the generations cannot order their histories.
+            let hint = if first.file != r.file {
+                " (two processes held the rank in one generation: was the coordinator restarted? its generations must keep counting up for the ledger to tell the histories apart)"
+            } else {
+                ""
+            };
             return Err(violation(format!(
-                "rank {} recorded step {} twice in generation {}: {} line {} and {} line {}",
+                "rank {} recorded step {} twice in generation {}: {} line {} and {} line {}{hint}",
                 rec.rank, rec.step, rec.generation, first.file, first.line, r.file, r.line
             )));
         }
@@ -853,7 +865,8 @@ mod tests {
             .unwrap();
         let err = check(dir.path(), Some(N)).unwrap_err().to_string();
         assert!(
-            err.contains("rank 0 recorded step 2 twice in generation 1"),
+            err.contains("rank 0 recorded step 2 twice in generation 1")
+                && err.contains("was the coordinator restarted?"),
             "{err}"
         );
     }

@@ -43,10 +43,10 @@ struct Args {
     /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// Test mode: append one JSON line per applied step to DIR/ledger-rank<R>-<member>.jsonl
-    /// with the samples (epoch, position, index) this rank consumed and the generation, so
-    /// that `ddpm ledger DIR` can check that every sample of every completed epoch was
-    /// used exactly once across failures.
+    /// Test mode: append one JSON line per applied step to
+    /// `DIR/ledger-rank<R>-<member>.jsonl` with the samples (epoch, position, index) this
+    /// rank consumed and the generation, so that `ddpm ledger DIR` can check that every
+    /// sample of every completed epoch was used exactly once across failures.
     #[arg(long, value_name = "DIR")]
     ledger: Option<PathBuf>,
     /// Log lines as human-readable text or JSON.
