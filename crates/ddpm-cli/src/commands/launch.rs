@@ -48,6 +48,10 @@ pub struct LaunchArgs {
     /// `worker R metrics on IP:PORT` lines as soon as each is known.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Test mode: every worker records the samples of each step in the data ledger in DIR
+    /// (`worker --ledger DIR`); check it afterwards with `ddpm ledger DIR`.
+    #[arg(long, value_name = "DIR")]
+    pub ledger: Option<PathBuf>,
 }
 
 /// How long the coordinator may take to finish after every worker exited successfully.
@@ -365,6 +369,9 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
             ]);
         if let Some(t) = threads {
             cmd.args(["--threads", &t.to_string()]);
+        }
+        if let Some(dir) = &a.ledger {
+            cmd.arg("--ledger").arg(dir);
         }
         if let Some(m) = a.metrics_listen {
             let port = if m.port() == 0 {
