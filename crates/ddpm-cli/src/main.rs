@@ -50,6 +50,9 @@ enum Command {
     /// Where a distributed run stands: the run, its step and throughput, each worker, the
     /// last checkpoint and FID (from the coordinator; --watch refreshes).
     Status(commands::status::StatusArgs),
+    /// Check a data ledger (`launch --ledger DIR`): every sample of every completed epoch
+    /// consumed exactly once in the surviving history, across failures.
+    Ledger(commands::ledger::LedgerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,5 +89,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::FidStats(a) => commands::fid::run_stats(a),
         Command::Fid(a) => commands::fid::run_fid(a),
         Command::Status(a) => commands::status::run(a),
+        Command::Ledger(a) => commands::ledger::run(a),
     }
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{ddpm, ok, path, write_idx};
+use common::{ddpm, fails, ok, path, write_idx};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -423,5 +423,138 @@ fn a_failing_evaluator_does_not_stop_the_training_but_fails_the_launch() {
         root.join("noeval/checkpoints/dp/step-5/manifest.json")
             .is_file(),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_ledger_run_accounts_for_every_sample_of_the_epoch_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let idx = root.join("images.idx.gz");
+    write_idx(&idx);
+    let cfg = config(root, "counted", &format!("idx:{}", path(&idx)));
+    let ledger = root.join("ledger");
+    // 5 global batches of 7 over 32 images: epoch 0 whole, 3 samples of epoch 1.
+    ok(&[
+        "launch",
+        "--config",
+        &cfg,
+        "--workers",
+        "3",
+        "--ledger",
+        &path(&ledger),
+    ]);
+    let mut names: Vec<String> = std::fs::read_dir(&ledger)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "one file per worker: {names:?}");
+    for (rank, name) in names.iter().enumerate() {
+        assert!(
+            name.starts_with(&format!("ledger-rank{rank}-")) && name.ends_with(".jsonl"),
+            "{names:?}"
+        );
+    }
+    let report = ddpm_worker::ledger::check(&ledger, Some(32)).unwrap();
+    assert_eq!(report.steps, 5, "{report}");
+    assert_eq!(report.completed_epochs, 1, "{report}");
+    assert_eq!(report.partial_epoch_samples, 3, "{report}");
+    assert_eq!(report.records, 15, "a record per rank and step: {report}");
+    assert_eq!(report.generations, vec![1], "{report}");
+    assert_eq!(
+        (
+            report.discarded_records,
+            report.torn_lines,
+            report.unused_samples
+        ),
+        (0, 0, 0),
+        "{report}"
+    );
+    // The records carry the dataset's length, so the command needs only the directory.
+    let out = ok(&["ledger", &path(&ledger), "--steps", "5"]);
+    assert!(
+        out.contains("ledger ok: steps 1..=5") && out.contains("1 completed epoch(s) of 32"),
+        "{out}"
+    );
+    let err = fails(&["ledger", &path(&ledger), "--steps", "6"]);
+    assert!(err.contains("ends at step 5, expected step 6"), "{err}");
+    // Without rank 1's file every step lacks its record, and the command says so.
+    std::fs::remove_file(ledger.join(&names[1])).unwrap();
+    let err = fails(&["ledger", &path(&ledger)]);
+    assert!(
+        err.contains("step 1 of generation 1: no record from rank(s) [1] of world size 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_ledger_run_records_undecodable_samples_as_unused_and_still_accounts_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // 20 images in sorted order; 05 and 13 are not images.
+    let images = root.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let bad = [5u32, 13];
+    for i in 0..20u32 {
+        let file = images.join(format!("{i:02}.png"));
+        if bad.contains(&i) {
+            std::fs::write(file, b"not an image").unwrap();
+        } else {
+            image::GrayImage::from_fn(16, 16, |x, y| {
+                image::Luma([((x * 13 + y * 7 + i * 29) % 256) as u8])
+            })
+            .save(file)
+            .unwrap();
+        }
+    }
+    let cfg = config(root, "skipping", &format!("folder:{}", path(&images)));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "random_flip = true",
+        "random_flip = true\non_bad_sample = \"skip\"\nmax_bad_fraction = 0.5",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let ledger = root.join("ledger");
+    ok(&[
+        "launch",
+        "--config",
+        &cfg,
+        "--workers",
+        "2",
+        "--ledger",
+        &path(&ledger),
+    ]);
+    // 5 global batches of 7 over 20: epoch 0 whole (both bad samples in it), 15 of epoch 1.
+    let report = ddpm_worker::ledger::check(&ledger, None).unwrap();
+    assert_eq!(
+        (
+            report.steps,
+            report.completed_epochs,
+            report.partial_epoch_samples
+        ),
+        (5, 1, 15),
+        "{report}"
+    );
+    assert!(report.unused_samples >= 2, "{report}");
+    // Exactly the bad samples are unused, and no bad sample was trained on.
+    let (mut used, mut unused) = (0, 0);
+    for file in std::fs::read_dir(&ledger).unwrap() {
+        for line in std::fs::read_to_string(file.unwrap().path())
+            .unwrap()
+            .lines()
+        {
+            let r = ddpm_worker::ledger::StepRecord::parse(line).unwrap();
+            assert!(r.draws.iter().all(|d| !bad.contains(&d.2)), "{line}");
+            assert!(r.unused.iter().all(|d| bad.contains(&d.2)), "{line}");
+            used += r.draws.len();
+            unused += r.unused.len();
+        }
+    }
+    assert_eq!(used + unused, 35);
+    assert_eq!(unused as u64, report.unused_samples);
+    let out = ok(&["ledger", &path(&ledger), "--dataset-len", "20"]);
+    assert!(
+        out.contains(&format!("{unused} sample(s) consumed without training")),
+        "{out}"
     );
 }

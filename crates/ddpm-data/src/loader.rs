@@ -74,6 +74,12 @@ pub struct Batch {
     pub images: Tensor,
     /// The dataset indices in the batch, in order (skipped samples left out).
     pub indices: Vec<u32>,
+    /// Where each row of `images` was drawn (index, epoch, position), in order: the draws
+    /// behind `indices` (skipped samples left out).
+    pub draws: Vec<Draw>,
+    /// This rank's draws that were skipped as undecodable (`data.on_bad_sample = "skip"`):
+    /// dealt and consumed, but not in `images`.
+    pub skipped: Vec<Draw>,
     /// The data cursor after this batch: save it with a checkpoint taken after this step.
     pub cursor: Cursor,
 }
@@ -347,11 +353,13 @@ fn build(source: &dyn SampleSource, job: Job, opts: &LoaderOptions) -> Built {
     };
     let mut kept = Vec::with_capacity(n);
     let mut skipped = Vec::new();
+    let mut skipped_draws = Vec::new();
     for d in &job.draws {
         match source.read(d.index as usize, &mut pixels) {
             Ok(()) => {}
             Err(e @ DataError::Decode { .. }) if opts.on_bad_sample == BadSamplePolicy::Skip => {
                 skipped.push((d.index, e.to_string()));
+                skipped_draws.push(*d);
                 continue;
             }
             Err(e) => return Err(e),
@@ -359,7 +367,7 @@ fn build(source: &dyn SampleSource, job: Job, opts: &LoaderOptions) -> Built {
         let dst = &mut out[kept.len() * per..(kept.len() + 1) * per];
         let flip = opts.random_flip && flips(opts.seed, d);
         to_unit_range(&pixels, dst, w, flip);
-        kept.push(d.index);
+        kept.push(*d);
     }
     let images = if kept.len() < n {
         images.narrow(0, 0, kept.len() as i64)
@@ -368,7 +376,9 @@ fn build(source: &dyn SampleSource, job: Job, opts: &LoaderOptions) -> Built {
     };
     let batch = Batch {
         images,
-        indices: kept,
+        indices: kept.iter().map(|d| d.index).collect(),
+        draws: kept,
+        skipped: skipped_draws,
         cursor: job.cursor,
     };
     Ok((batch, skipped))

@@ -118,6 +118,8 @@ fn every_rank_gets_its_slice_of_the_epoch_order_with_keyed_flips() {
                     11,
                 );
                 assert_eq!(b.indices, draws.iter().map(|d| d.index).collect::<Vec<_>>());
+                assert_eq!(b.draws, draws, "each row's epoch and position");
+                assert!(b.skipped.is_empty());
                 assert_eq!(b.images.size(), [3, 3, 2, 4]);
                 assert_eq!(values(&b.images), expected(&*src, &draws, 11));
                 assert_eq!(b.cursor, reference);
@@ -326,10 +328,26 @@ fn undecodable_photos_fail_naming_the_file_or_are_skipped_up_to_the_limit() {
     assert!(err.contains("broken.jpg"), "{err}");
     // skip: the batch is one short, every epoch, and the rest are real photos.
     let mut l = load(&folder_cfg(&dir, BadSamplePolicy::Skip, 0.2), 6);
-    for _ in 0..3 {
+    for epoch in 0..3 {
         let b = l.next_batch().unwrap();
         assert_eq!(b.images.size(), [5, 3, 16, 16]);
         assert_eq!(b.indices.len(), 5);
+        // The skipped draw is broken.jpg (index 1 in sorted order); the used draws and
+        // the skipped one together are the whole epoch, each position once.
+        assert_eq!(b.skipped.len(), 1);
+        assert_eq!((b.skipped[0].index, b.skipped[0].epoch), (1, epoch));
+        assert_eq!(
+            b.indices,
+            b.draws.iter().map(|d| d.index).collect::<Vec<_>>()
+        );
+        let mut positions: Vec<u64> = b
+            .draws
+            .iter()
+            .chain(&b.skipped)
+            .map(|d| d.position)
+            .collect();
+        positions.sort_unstable();
+        assert_eq!(positions, (0..6).collect::<Vec<u64>>());
         let std = b.images.std(true).double_value(&[]);
         assert!(std > 0.1, "photos should not be flat (std {std})");
     }

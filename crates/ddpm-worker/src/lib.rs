@@ -8,12 +8,15 @@
 //! - [`train_loop`]: the loop shared with `ddpm train`.
 //! - [`checkpoints`], [`dataset`]: the run's checkpoints and `data.source`.
 //! - [`run`]: one worker process from registration to its last step.
+//! - [`ledger`]: the data ledger (a test mode): which samples each rank consumed at each
+//!   step, and the check that every completed epoch was consumed exactly once.
 
 pub mod checkpoints;
 pub mod client;
 pub mod dataset;
 mod error;
 pub mod exchange;
+pub mod ledger;
 pub mod run;
 pub mod train_loop;
 

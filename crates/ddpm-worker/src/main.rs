@@ -54,6 +54,12 @@ struct Args {
     /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Test mode: append one JSON line per applied step to
+    /// `DIR/ledger-rank<R>-<member>.jsonl` with the samples (epoch, position, index) this
+    /// rank consumed and the generation, so that `ddpm ledger DIR` can check that every
+    /// sample of every completed epoch was used exactly once across failures.
+    #[arg(long, value_name = "DIR")]
+    ledger: Option<PathBuf>,
     /// Log lines as human-readable text or JSON.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -99,6 +105,7 @@ fn start(a: Args) -> anyhow::Result<()> {
         connect_patience: Duration::from_secs(a.connect_timeout_secs),
         taken_rank_patience: Duration::from_secs(a.wait_for_rank_secs),
         security,
+        ledger: a.ledger,
     })?;
     Ok(())
 }

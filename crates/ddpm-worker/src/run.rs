@@ -48,6 +48,8 @@ pub struct WorkerOptions {
     pub taken_rank_patience: Duration,
     /// The token and TLS files to reach the coordinator with.
     pub security: ddpm_auth::ClientSecurity,
+    /// Test mode: record each applied step's samples in this directory's data ledger.
+    pub ledger: Option<PathBuf>,
 }
 
 fn host_name() -> String {
@@ -244,6 +246,8 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         taken_rank: o.taken_rank_patience,
     };
     let mut data = DataCache::default();
+    // Test mode: one ledger file per process, across its generations.
+    let mut ledger = None;
     let mut failed_generation = 0;
     let mut fruitless = 0;
     loop {
@@ -266,8 +270,23 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         );
         let _guard = span.enter();
         tracing::info!(world_size = joined.world_size, "joined the ring");
+        if let (None, Some(dir)) = (&ledger, &o.ledger) {
+            ledger = Some(crate::ledger::Ledger::open(
+                dir,
+                joined.rank,
+                &me.member_id,
+            )?);
+        }
         let mut steps = 0;
-        match generation(&o, &link, &joined, listener, &mut data, &mut steps) {
+        match generation(
+            &o,
+            &link,
+            &joined,
+            listener,
+            &mut data,
+            ledger.as_ref(),
+            &mut steps,
+        ) {
             Ok(()) => return Ok(()),
             Err(e) if e.needs_reform() => {
                 fruitless = if steps == 0 { fruitless + 1 } else { 0 };
@@ -298,6 +317,7 @@ fn generation(
     joined: &Joined,
     listener: TcpListener,
     data_cache: &mut DataCache,
+    ledger: Option<&crate::ledger::Ledger>,
     steps: &mut u64,
 ) -> Result<()> {
     let cfg = received_config(joined, o)?;
@@ -387,6 +407,8 @@ fn generation(
                 comm: &mut ring,
                 exchange: GradientExchange::new(cfg.distributed.bucket_mb as usize),
             }),
+            generation: joined.generation,
+            ledger,
         },
         &mut reporter,
     );

@@ -5,6 +5,7 @@
 use crate::checkpoints::Checkpoints;
 use crate::error::{ensure, Context, Result};
 use crate::exchange::GradientExchange;
+use crate::ledger::{self, Ledger, StepRecord};
 use ddpm_collective::Collective;
 use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
@@ -41,6 +42,11 @@ pub struct LoopSetup<'a> {
     pub checkpoints: Option<&'a Checkpoints>,
     /// None for a single process.
     pub ranks: Option<Ranks<'a>>,
+    /// The coordinator's generation this loop trains in (0 for a single process); recorded
+    /// in the data ledger.
+    pub generation: u64,
+    /// The data ledger (a test mode): each applied step's samples are recorded in it.
+    pub ledger: Option<&'a Ledger>,
 }
 
 /// One logged window of training (every `train.log_every` steps and the last).
@@ -177,6 +183,8 @@ pub fn train(
         out,
         checkpoints,
         mut ranks,
+        generation,
+        ledger,
     } = setup;
     let total = cfg.train.total_steps as u64;
     let global = cfg.train.batch_size as usize;
@@ -230,6 +238,10 @@ pub fn train(
     // (One process keeps the loader's own check.)
     let mut empty_in_a_row = 0usize;
     let mut nonfinite_in_a_row = 0u64;
+    // Samples consumed since the last applied step without being trained on (undecodable, or
+    // in a batch whose update was not applied): the ledger records them with the next
+    // applied step, so that its data stream has no hole.
+    let mut unused: Vec<ledger::Entry> = Vec::new();
     while done < total {
         let step_span = tracing::info_span!("step", rank, step = done + 1);
         let _in_step = step_span.enter();
@@ -287,8 +299,10 @@ pub fn train(
                 }
             }
         };
+        unused.extend(ledger::entries(&b.skipped));
         let stepped = match stepped {
             Some(Err(loss)) => {
+                unused.extend(ledger::entries(&b.draws));
                 nonfinite_in_a_row += 1;
                 metrics::counter!("ddpm_train_nonfinite_steps_total", "rank" => rank_label.clone())
                     .increment(1);
@@ -331,6 +345,17 @@ pub fn train(
             continue;
         };
         empty_in_a_row = 0;
+        if let Some(l) = ledger {
+            l.record(&StepRecord {
+                generation,
+                rank: rank as u32,
+                world_size: world as u32,
+                step: done + 1,
+                dataset_len: Some(data_len as u64),
+                draws: ledger::entries(&b.draws),
+                unused: std::mem::take(&mut unused),
+            })?;
+        }
         metrics::histogram!("ddpm_train_step_seconds", "rank" => rank_label.clone())
             .record(step_start.elapsed().as_secs_f64());
         window_global += global_examples;

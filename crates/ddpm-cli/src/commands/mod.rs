@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod fid;
 pub mod inspect;
 pub mod launch;
+pub mod ledger;
 pub mod nll;
 pub mod prepare;
 pub mod sample;

@@ -177,6 +177,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             out: out.clone(),
             checkpoints: Some(&checkpoints),
             ranks: None,
+            generation: 0,
+            ledger: None,
         },
         &mut bar,
     )?;

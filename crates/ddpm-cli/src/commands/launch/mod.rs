@@ -58,6 +58,10 @@ pub struct LaunchArgs {
     /// workers beyond elastic.min_workers, without which the run goes on).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_restarts: u32,
+    /// Test mode: every worker records the samples of each step in the data ledger in DIR
+    /// (`worker --ledger DIR`); check it afterwards with `ddpm ledger DIR`.
+    #[arg(long, value_name = "DIR")]
+    pub ledger: Option<PathBuf>,
 }
 
 /// Runs `ddpm launch`.
@@ -165,6 +169,9 @@ pub fn run(a: LaunchArgs, log_format: LogFormat) -> Result<()> {
             ]);
         if let Some(t) = threads {
             cmd.args(["--threads", &t.to_string()]);
+        }
+        if let Some(dir) = &a.ledger {
+            cmd.arg("--ledger").arg(dir);
         }
         if let Some(m) = a.metrics_listen {
             let port = if m.port() == 0 {
