@@ -240,6 +240,9 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         .unwrap_or_default()
         .as_nanos();
     let member_id = format!("{host}:{}:{started}", std::process::id());
+    // Bound before the coordinator is reached, so a listen address that cannot work is
+    // named at once; later generations bind afresh.
+    let mut first_listener = Some(ring_listener(&o)?);
     let mut link = CoordinatorLink::connect(&o.coordinator, o.connect_patience, &o.security)?;
     let patience = JoinPatience {
         coordinator: o.connect_patience,
@@ -251,7 +254,10 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     let mut failed_generation = 0;
     let mut fruitless = 0;
     loop {
-        let (listener, ring_address) = ring_listener(&o)?;
+        let (listener, ring_address) = match first_listener.take() {
+            Some(bound) => bound,
+            None => ring_listener(&o)?,
+        };
         let me = Identity {
             requested_rank: o.rank,
             host: host.clone(),
