@@ -2,11 +2,12 @@
 //! with workers and the coordinator killed (SIGKILL) at random steps.
 //!
 //! - With every killed process started again (`--max-restarts`, as a StatefulSet restarts
-//!   its pods), the run reaches its final step with a verified last checkpoint, and its
-//!   final weights are bitwise those of an uninterrupted run: failures cost time, never the
-//!   result.
+//!   its pods), the run reaches its final step with a verified last checkpoint and a clean
+//!   data ledger (every sample of every completed epoch used exactly once in the surviving
+//!   history), and its final weights are bitwise those of an uninterrupted run: failures
+//!   cost time, never the result.
 //! - With `elastic.min_workers = 2` and a worker killed for good, the run finishes on 2
-//!   workers with the configured global batch.
+//!   workers with the configured global batch and a clean ledger.
 //!
 //! The kill steps come from a seed (`DDPM_CHAOS_SEED`, printed on failure); every run also
 //! checks that rank 0's log shows the re-formed generations.
@@ -181,6 +182,22 @@ fn wait(child: &mut Child, log: &Path, limit: Duration) {
     }
 }
 
+/// The data ledger in `dir` holds steps 1..=TOTAL_STEPS with every sample of every
+/// completed epoch used exactly once, by the library's check and by `ddpm ledger`; returns
+/// the generations of its surviving history.
+fn check_ledger(dir: &Path) -> u64 {
+    let report = ddpm_worker::ledger::check(dir, Some(SAMPLES)).unwrap();
+    assert_eq!(report.steps, TOTAL_STEPS, "{report}");
+    // 90 steps of 32 samples: 30 whole epochs of 96.
+    assert_eq!(report.completed_epochs, 30, "{report}");
+    let out = ok(&["ledger", &path(dir), "--steps", &TOTAL_STEPS.to_string()]);
+    assert!(
+        out.contains(&format!("ledger ok: steps 1..={TOTAL_STEPS}")),
+        "{out}"
+    );
+    report.history_generations.len() as u64
+}
+
 /// The last checkpoint of a run verifies.
 fn verify_final_checkpoint(out: &Path) {
     let url = format!(
@@ -213,7 +230,13 @@ fn killed_workers_and_coordinator_cost_time_never_the_result() {
 
     // The same run, with three workers and the coordinator killed at random steps.
     let chaos = quickstart(root, "chaos", &images, "");
-    let (mut child, log) = launch(root, &chaos, "chaos", &["--max-restarts", "4"]);
+    let ledger = root.join("chaos-ledger");
+    let (mut child, log) = launch(
+        root,
+        &chaos,
+        "chaos",
+        &["--max-restarts", "4", "--ledger", &path(&ledger)],
+    );
     let mut rng = Rng(seed);
     let mut victims: Vec<String> = (0..3).map(|_| format!("--rank {}", rng.below(3))).collect();
     let coordinator_at = rng.below(4) as usize;
@@ -254,6 +277,10 @@ fn killed_workers_and_coordinator_cost_time_never_the_result() {
     );
     assert_eq!(progress(&train_log).0, TOTAL_STEPS);
     verify_final_checkpoint(&root.join("chaos"));
+    // Four failures: the surviving history spans several generations (one whose steps were
+    // all redone by the next contributes none).
+    let generations = check_ledger(&ledger);
+    assert!((2..=5).contains(&generations), "seed {seed}: {generations}");
     for weights in ["model.safetensors", "ema.safetensors"] {
         let a = std::fs::read(root.join("reference").join(weights)).unwrap();
         let b = std::fs::read(root.join("chaos").join(weights)).unwrap();
@@ -276,7 +303,8 @@ fn an_elastic_run_goes_on_with_fewer_workers_and_the_same_global_batch() {
         &images,
         "\n[elastic]\nmin_workers = 2\nrendezvous_grace_secs = 1.0\n",
     );
-    let (mut child, log) = launch(root, &cfg, "elastic", &[]);
+    let ledger = root.join("elastic-ledger");
+    let (mut child, log) = launch(root, &cfg, "elastic", &["--ledger", &path(&ledger)]);
     let train_log = root.join("elastic/train_log.jsonl");
     let deadline = Instant::now() + Duration::from_secs(240);
     while progress(&train_log).0 < 25 {
@@ -303,6 +331,7 @@ fn an_elastic_run_goes_on_with_fewer_workers_and_the_same_global_batch() {
         (Some(TOTAL_STEPS), Some(2))
     );
     verify_final_checkpoint(&root.join("elastic"));
+    assert_eq!(check_ledger(&ledger), 2);
     let state = ok(&[
         "ckpt",
         "inspect",
