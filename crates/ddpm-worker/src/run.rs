@@ -232,6 +232,26 @@ impl DataCache {
     }
 }
 
+/// Ring rank 0: waits for the checkpoint uploads in flight and tells the coordinator of the
+/// newest committed one.
+fn finish_uploads(
+    checkpoints: Checkpoints,
+    link: &CoordinatorLink,
+    joined: &Joined,
+) -> ddpm_checkpoint::UploadStats {
+    let url = checkpoints.url().to_string();
+    let uploads = checkpoints.finish();
+    if let Some(step) = uploads.last_committed {
+        link.checkpoint_committed(CheckpointNotice {
+            rank: joined.rank,
+            generation: joined.generation,
+            step,
+            url,
+        });
+    }
+    uploads
+}
+
 /// Runs one worker to the end of the run, through as many generations as it takes.
 pub fn run(o: WorkerOptions) -> Result<()> {
     let host = host_name();
@@ -423,19 +443,10 @@ fn generation(
         Ok(outcome) => outcome,
         Err(e) => {
             if rank0 && e.needs_reform() {
-                let checkpoints_url = checkpoints.url().to_string();
                 // Commit what is in flight before registering again: the next generation
                 // starts from the newest committed checkpoint, which may be this one.
                 drop(ring);
-                let uploads = checkpoints.finish();
-                if let Some(step) = uploads.last_committed {
-                    link.checkpoint_committed(CheckpointNotice {
-                        rank: joined.rank,
-                        generation: joined.generation,
-                        step,
-                        url: checkpoints_url.clone(),
-                    });
-                }
+                finish_uploads(checkpoints, link, joined);
             }
             return Err(e);
         }
@@ -447,15 +458,7 @@ fn generation(
     let last_line = outcome.last.clone();
     if rank0 {
         let url = checkpoints.url().to_string();
-        let uploads = checkpoints.finish();
-        if let Some(step) = uploads.last_committed {
-            link.checkpoint_committed(CheckpointNotice {
-                rank: joined.rank,
-                generation: joined.generation,
-                step,
-                url: url.clone(),
-            });
-        }
+        let uploads = finish_uploads(checkpoints, link, joined);
         if let Some(last) = outcome.submitted {
             ensure!(
                 uploads.last_committed == Some(last),
