@@ -14,8 +14,7 @@
 
 mod common;
 
-use common::{ok, path};
-use std::io::Write;
+use common::{ok, path, write_idx_images};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,21 +29,9 @@ const TOTAL_STEPS: u64 = 90;
 /// A gzipped IDX file of `SAMPLES` grey 28x28 images (Fashion-MNIST's shape), each a
 /// different pattern.
 fn write_images(file: &Path) {
-    let mut bytes = vec![0, 0, 8, 3];
-    for d in [SAMPLES as u32, 28, 28] {
-        bytes.extend_from_slice(&d.to_be_bytes());
-    }
-    for i in 0..SAMPLES {
-        for y in 0..28 {
-            for x in 0..28 {
-                let on = (x * (1 + i % 5) + y * (1 + i % 7) + i) % 11 < 5;
-                bytes.push(if on { 220 } else { 30 });
-            }
-        }
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&bytes).unwrap();
-    std::fs::write(file, gz.finish().unwrap()).unwrap();
+    write_idx_images(file, SAMPLES, 28, |i, x, y| {
+        (x * (1 + i % 5) + y * (1 + i % 7) + i) % 11 < 5
+    });
 }
 
 /// The repository's quickstart config with this test's data, output, length and failure

@@ -44,21 +44,32 @@ pub fn fails(args: &[&str]) -> String {
 
 /// Writes a gzipped IDX file of 32 grey 16x16 images (stripes and squares).
 pub fn write_idx(path: &Path) {
+    write_idx_images(path, 32, 16, |i, x, y| {
+        if i % 2 == 0 {
+            (x + i) % 6 < 3
+        } else {
+            (4..12).contains(&x) && (4..12).contains(&y)
+        }
+    });
+}
+
+/// Writes a gzipped IDX file of `n` grey `side`x`side` images whose pixel (x, y) of image i
+/// is bright where `on(i, x, y)`.
+pub fn write_idx_images(
+    path: &Path,
+    n: usize,
+    side: usize,
+    on: impl Fn(usize, usize, usize) -> bool,
+) {
     use std::io::Write;
-    let n = 32usize;
     let mut bytes = vec![0, 0, 8, 3];
-    for d in [n as u32, 16, 16] {
-        bytes.extend_from_slice(&d.to_be_bytes());
+    for d in [n, side, side] {
+        bytes.extend_from_slice(&(d as u32).to_be_bytes());
     }
     for i in 0..n {
-        for y in 0..16 {
-            for x in 0..16 {
-                let on = if i % 2 == 0 {
-                    (x + i) % 6 < 3
-                } else {
-                    (4..12).contains(&x) && (4..12).contains(&y)
-                };
-                bytes.push(if on { 230 } else { 20 });
+        for y in 0..side {
+            for x in 0..side {
+                bytes.push(if on(i, x, y) { 230 } else { 20 });
             }
         }
     }
