@@ -27,8 +27,8 @@
 //! The control flow does not depend on the coordinator's wording: a refusal is always an
 //! error that stops the worker; the refusal's text only decides which error it reports.
 //! Each id starts NCCL's bootstrap listener (a thread and a socket) in this process. Only
-//! the ring's first member's id is used, so the others (and, on the TCP backend, the one of
-//! a CUDA worker's first registration) stay unused for the life of the process; that is
+//! the ring's first member's id is used; the listeners of the others (and, on the TCP
+//! backend, of a CUDA worker's first registration) wait idle in their processes. That is
 //! the cost of the coordinator choosing the id from the ring it forms.
 //!
 //! NCCL is loaded at the first id: `worker --device cuda:K` loads libtorch_cuda before, so
