@@ -106,14 +106,16 @@ lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p ddpm-collective --all-targets --features nccl --locked -- -D warnings
+	$(CARGO) clippy -p ddpm-worker --all-targets --features nccl-gpu-tests --locked -- -D warnings
 
 ## test: lint, then every test of the workspace (and the NCCL backend's CPU tests: its loading
-## errors), then one summary line over all test binaries
+## errors, and the worker's refusals without NCCL), then one summary line over all test binaries
 test: lint test-tools check-deploy
 	@mkdir -p target
 	@set -o pipefail; status=0; \
 	$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.log || status=$$?; \
 	$(CARGO) test -p ddpm-collective --features nccl --locked --no-fail-fast 2>&1 | tee -a target/test-output.log || status=$$?; \
+	$(CARGO) test -p ddpm-worker --features nccl --locked --no-fail-fast --lib 2>&1 | tee -a target/test-output.log || status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log; \
 	exit $$status
 

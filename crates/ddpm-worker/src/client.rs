@@ -32,6 +32,9 @@ pub struct Identity {
     pub member_id: String,
     /// This worker's ring address (host:port).
     pub ring_address: String,
+    /// A fresh `ncclUniqueId` (128 bytes) for the NCCL backend, or empty
+    /// ([`crate::comm::registration_id`]).
+    pub nccl_unique_id: Vec<u8>,
 }
 
 /// A worker admitted to a generation whose ring is formed.
@@ -235,7 +238,7 @@ impl CoordinatorLink {
             device: me.device.clone(),
             member_id: me.member_id.clone(),
             ring_address: me.ring_address.clone(),
-            nccl_unique_id: Vec::new(),
+            nccl_unique_id: me.nccl_unique_id.clone(),
             failed_generation,
         };
         let mut last_note = Instant::now();

@@ -58,14 +58,25 @@ impl WorkerError {
     /// Whether the worker should register again and go on in the next generation, rather
     /// than stop: the coordinator moved the run on, or a collective failed because of a
     /// peer (it died, hung, or belongs to another generation). A collective used wrongly
-    /// by this process is not.
+    /// by this process is not, nor a backend this host cannot run (`Unavailable`).
+    ///
+    /// NCCL cannot say which peer failed, and an NCCL or CUDA error leaves the
+    /// communicator aborted: its timeouts, aborts and errors (`GroupTimeout`,
+    /// `GroupAborted`, `Backend`) all need a new communicator, that is a new generation.
+    /// A cause on this host that repeats is bounded by [`crate::run::MAX_FRUITLESS_GENERATIONS`].
     pub fn needs_reform(&self) -> bool {
         use ddpm_collective::CollectiveError as C;
         match self {
             WorkerError::Reform(_) => true,
             WorkerError::Collective(c) => matches!(
                 c,
-                C::Timeout { .. } | C::Peer { .. } | C::Aborted { .. } | C::Mismatch { .. }
+                C::Timeout { .. }
+                    | C::Peer { .. }
+                    | C::Aborted { .. }
+                    | C::Mismatch { .. }
+                    | C::GroupTimeout { .. }
+                    | C::GroupAborted { .. }
+                    | C::Backend { .. }
             ),
             _ => false,
         }

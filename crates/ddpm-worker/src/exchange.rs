@@ -1,9 +1,14 @@
-//! Moving the trainer's flat buffers through a [`Collective`]: the size-weighted gradient
+//! Moving the trainer's flat buffers through a [`Comm`]: the size-weighted gradient
 //! average of a data-parallel step, in buckets, and the start-of-training broadcast of the
 //! parameters from rank 0.
+//!
+//! The buffers go through the collective where they are: a CUDA buffer in place on the
+//! device when the collective has device operations (NCCL, [`Comm::device`]), otherwise as
+//! a host slice (a CPU tensor's own storage, or a host copy of any other).
 
+use crate::comm::{Comm, DeviceCollective};
 use crate::error::{ensure, Result};
-use ddpm_collective::{Collective, ReduceOp};
+use ddpm_collective::ReduceOp;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -43,6 +48,57 @@ unsafe fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>
     Ok(r)
 }
 
+/// The device address of the float32 CUDA tensor `t` for `dev`'s device operations, and its
+/// length; an error when `t` is not a contiguous float32 buffer on `dev`'s device.
+fn device_buffer(dev: &dyn DeviceCollective, t: &Tensor, what: &str) -> Result<(u64, usize)> {
+    ensure!(
+        t.kind() == Kind::Float && t.is_contiguous(),
+        "{what}: expected a contiguous float32 buffer, got {:?} (contiguous: {})",
+        t.kind(),
+        t.is_contiguous()
+    );
+    ensure!(
+        t.device() == Device::Cuda(dev.device_ordinal()),
+        "{what}: the buffer is on {:?}, the collective on CUDA device {}",
+        t.device(),
+        dev.device_ordinal()
+    );
+    Ok((t.data_ptr() as u64, t.numel()))
+}
+
+/// All-reduces (sums) the CUDA buffer `t` in place on the device, in buckets of `bucket`
+/// elements, on the legacy default stream: after the kernels that wrote it, before the ones
+/// queued after the call.
+///
+/// # Safety
+///
+/// Nothing else may access `t`'s storage during the call (as for `with_host_slice`).
+unsafe fn all_reduce_on_device(
+    dev: &mut dyn DeviceCollective,
+    t: &Tensor,
+    bucket: usize,
+    step: u64,
+) -> Result<()> {
+    let (ptr, n) = device_buffer(dev, t, &format!("the gradient all-reduce at step {step}"))?;
+    let buckets = n.div_ceil(bucket);
+    for i in 0..buckets {
+        let start = i * bucket;
+        let len = bucket.min(n - start);
+        let at = ptr + (start * std::mem::size_of::<f32>()) as u64;
+        // SAFETY: `at` and `len` lie within `t`'s contiguous float32 storage on the
+        // collective's device (checked by device_buffer); the caller guarantees that
+        // nothing else uses it meanwhile.
+        unsafe {
+            dev.device_all_reduce_sum(
+                at,
+                len,
+                &format!("gradient bucket {}/{buckets} at step {step}", i + 1),
+            )?
+        };
+    }
+    Ok(())
+}
+
 /// What the ranks' step came to.
 #[derive(Debug, Clone, Copy)]
 pub struct Averaged {
@@ -78,9 +134,14 @@ impl GradientExchange {
     /// for an empty batch) into the mean over every rank's examples, in place, and returns
     /// the total and the mean loss. Each rank's gradient is scaled by its count before the
     /// sum, so unequal shares of the global batch weigh what they hold.
+    ///
+    /// The example counts and losses are summed as a host array. The gradient buffer is
+    /// summed in place on the device when it is a CUDA tensor and `comm` has device
+    /// operations (NCCL), otherwise as a host slice; the scaling before and after is the
+    /// same libtorch operations on the buffer either way.
     pub fn average(
         &mut self,
-        comm: &mut dyn Collective,
+        comm: &mut dyn Comm,
         grads: &Tensor,
         loss: f64,
         examples: usize,
@@ -100,20 +161,27 @@ impl GradientExchange {
                 let _ = g.g_mul_scalar_(examples as f64);
             });
             let bucket = self.bucket_elems;
-            // SAFETY: the gradient buffer is the training thread's; `g` is not used in `f`.
-            unsafe {
-                with_host_slice(grads, |buf| {
-                    let buckets = buf.len().div_ceil(bucket);
-                    for (i, chunk) in buf.chunks_mut(bucket).enumerate() {
-                        comm.all_reduce(
-                            chunk,
-                            ReduceOp::Sum,
-                            &format!("gradient bucket {}/{buckets} at step {step}", i + 1),
-                        )?;
-                    }
-                    Ok(())
-                })?
-            };
+            match (grads.device(), comm.device()) {
+                (Device::Cuda(_), Some(dev)) => {
+                    // SAFETY: the gradient buffer is the training thread's, and `g` is not
+                    // used until the call returns.
+                    unsafe { all_reduce_on_device(dev, grads, bucket, step) }?
+                }
+                // SAFETY: the gradient buffer is the training thread's; `g` is not used in `f`.
+                _ => unsafe {
+                    with_host_slice(grads, |buf| {
+                        let buckets = buf.len().div_ceil(bucket);
+                        for (i, chunk) in buf.chunks_mut(bucket).enumerate() {
+                            comm.all_reduce(
+                                chunk,
+                                ReduceOp::Sum,
+                                &format!("gradient bucket {}/{buckets} at step {step}", i + 1),
+                            )?;
+                        }
+                        Ok(())
+                    })?
+                },
+            }
             tch::no_grad(|| {
                 let _ = g.g_mul_scalar_(1.0 / total as f64);
             });
@@ -133,16 +201,21 @@ impl GradientExchange {
 }
 
 /// Copies rank 0's `t` to every rank (the parameters at the start of training, so every
-/// rank starts from the same point whatever it loaded).
+/// rank starts from the same point whatever it loaded): in place on the device when `t` is
+/// a CUDA tensor and `comm` has device operations (NCCL), otherwise as a host slice.
 ///
 /// # Safety
 ///
 /// Nothing else may access `t`'s storage during the call (see `with_host_slice`).
-pub unsafe fn broadcast_from_rank0(
-    comm: &mut dyn Collective,
-    t: &Tensor,
-    what: &str,
-) -> Result<()> {
+pub unsafe fn broadcast_from_rank0(comm: &mut dyn Comm, t: &Tensor, what: &str) -> Result<()> {
+    if let (Device::Cuda(_), Some(dev)) = (t.device(), comm.device()) {
+        let (ptr, n) = device_buffer(dev, t, what)?;
+        // SAFETY: `ptr` is `t`'s contiguous float32 storage of `n` values on the
+        // collective's device (checked by device_buffer); nothing else uses it meanwhile
+        // (the caller's guarantee).
+        unsafe { dev.device_broadcast(ptr, n, 0, what) }?;
+        return Ok(());
+    }
     // SAFETY: forwarded to the caller.
     unsafe { with_host_slice(t, |buf| Ok(comm.broadcast(buf, 0, what)?)) }
 }

@@ -4,6 +4,8 @@
 //! runs in one process.
 //!
 //! - [`client`]: registration, the lease, progress reports (tokio, off the training thread).
+//! - [`comm`]: the collective of a generation (TCP ring or, with the feature `nccl`, NCCL
+//!   on the device's buffers) and the `ncclUniqueId` a registration carries.
 //! - [`exchange`]: the size-weighted gradient average and the parameter broadcast.
 //! - [`train_loop`]: the loop shared with `ddpm train`.
 //! - [`checkpoints`], [`dataset`]: the run's checkpoints and `data.source`.
@@ -13,6 +15,7 @@
 
 pub mod checkpoints;
 pub mod client;
+pub mod comm;
 pub mod dataset;
 mod error;
 pub mod exchange;

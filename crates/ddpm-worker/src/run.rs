@@ -1,23 +1,23 @@
 //! One worker process from registration to the last step. Per generation: join it, restore
-//! the assigned checkpoint, form the collective, broadcast ring rank 0's parameters, train,
-//! report. When the generation fails (a peer died or hung, or the coordinator moved the run
-//! on or restarted), the worker registers again, saying which generation failed, and trains
-//! on in the next one from the newest committed checkpoint.
+//! the assigned checkpoint, form the collective (the TCP ring, or NCCL: [`crate::comm`]),
+//! broadcast ring rank 0's parameters, train, report. When the generation fails (a peer died
+//! or hung, or the coordinator moved the run on or restarted), the worker registers again,
+//! saying which generation failed, with a fresh `ncclUniqueId` on the NCCL backend, and
+//! trains on in the next one from the newest committed checkpoint.
 
 use crate::checkpoints::Checkpoints;
 use crate::client::{CoordinatorLink, Identity, JoinPatience, Joined};
+use crate::comm::{self, RegistrationId};
 use crate::error::{chain, ensure, Context, Result, WorkerError};
 use crate::exchange::{broadcast_from_rank0, GradientExchange};
 use crate::train_loop::{self, LogLine, LoopObserver, LoopSetup, Ranks};
-use ddpm_collective::tcp::{RingOptions, TcpRing};
 use ddpm_collective::Collective;
-use ddpm_config::{CollectiveBackend, Config};
+use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
 use ddpm_data::samples::SampleSource;
 use ddpm_proto::v1::{CheckpointNotice, ProgressReport};
-use ddpm_proto::Rendezvous;
 use ddpm_trainer::Trainer;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,44 +74,6 @@ fn received_config(joined: &Joined, o: &WorkerOptions) -> Result<Config> {
 
 /// Generations in a row that may fail before a single step before the worker gives up.
 pub const MAX_FRUITLESS_GENERATIONS: u32 = 20;
-
-fn form_ring(joined: &Joined, listener: TcpListener, cfg: &Config) -> Result<TcpRing> {
-    let peers = match &joined.rendezvous {
-        Rendezvous::Tcp { peers } => peers,
-        Rendezvous::Nccl { .. } => {
-            return Err(WorkerError::Invalid(
-                "the coordinator handed out an NCCL rendezvous, but this worker was built without the NCCL backend; set distributed.backend = \"tcp\"".into(),
-            ))
-        }
-    };
-    let addrs = peers
-        .iter()
-        .enumerate()
-        .map(|(r, p)| {
-            p.to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .with_context(|| format!("rank {r}'s ring address {p:?} does not resolve"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    ensure!(
-        addrs.len() == joined.world_size as usize,
-        "the rendezvous lists {} ring addresses for world size {}",
-        addrs.len(),
-        joined.world_size
-    );
-    let options = RingOptions {
-        timeout: Duration::from_secs(cfg.distributed.collective_timeout_secs as u64),
-        generation: joined.generation,
-        ..RingOptions::default()
-    };
-    Ok(TcpRing::connect(
-        joined.ring_rank as usize,
-        listener,
-        &addrs,
-        options,
-    )?)
-}
 
 struct Reporter<'a> {
     link: &'a CoordinatorLink,
@@ -273,20 +235,32 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     let mut ledger = None;
     let mut failed_generation = 0;
     let mut fruitless = 0;
+    // The run's backend, known from the config of the first answer (comm's module docs).
+    let mut backend = None;
     loop {
         let (listener, ring_address) = match first_listener.take() {
             Some(bound) => bound,
             None => ring_listener(&o)?,
         };
+        let RegistrationId {
+            id: nccl_unique_id,
+            missing,
+        } = comm::registration_id(backend, o.device)?;
         let me = Identity {
             requested_rank: o.rank,
             host: host.clone(),
             device: o.device_name.clone(),
             member_id: member_id.clone(),
             ring_address,
+            nccl_unique_id,
         };
         tracing::info!(coordinator = %link.url(), ring = %me.ring_address, failed_generation, "registering");
-        let joined = link.join(&me, failed_generation, patience)?;
+        let joined = link
+            .join(&me, failed_generation, patience)
+            .map_err(|e| comm::explain_refusal(e, missing))?;
+        backend = received_config(&joined, &o)
+            .ok()
+            .map(|c| c.distributed.backend);
         link.keep_lease(&joined, &me.member_id, o.connect_patience);
         let span = tracing::info_span!(
             "worker",
@@ -347,10 +321,7 @@ fn generation(
     steps: &mut u64,
 ) -> Result<()> {
     let cfg = received_config(joined, o)?;
-    ensure!(
-        cfg.distributed.backend == CollectiveBackend::Tcp,
-        "distributed.backend = \"nccl\" is not built into this worker yet; use \"tcp\""
-    );
+    comm::check_backend(&cfg, o.device)?;
     let work = link.next_work(joined)?;
     let out = o
         .out
@@ -392,11 +363,14 @@ fn generation(
     }
     // Formed after this rank's setup (forming waits for the slowest rank, within
     // distributed.collective_timeout_secs), and declared after the trainer and the
-    // checkpoints so that on an error it is dropped first: its sockets close and the other
-    // ranks fail at once instead of waiting out the collective timeout.
-    let mut ring = form_ring(joined, listener, &cfg)?;
+    // checkpoints so that on an error it is dropped first: the ring's sockets close and the
+    // other ranks fail at once instead of waiting out the collective timeout. (An NCCL
+    // communicator is aborted; NCCL reports that to the peers as a remote error where its
+    // transport can see it, otherwise they learn it from the coordinator, which this
+    // rank's re-registration moves to the next generation.)
+    let mut ring = comm::form(joined, listener, &cfg, o.device)?;
     link.abort_on_stop(ring.abort_handle());
-    tracing::info!("ring formed");
+    tracing::info!(backend = ring.backend_name(), "ring formed");
     // Every rank starts from rank 0's parameters and EMA, whatever it initialised or loaded.
     {
         let (flat, ema) = trainer.flat();
@@ -453,8 +427,7 @@ fn generation(
     };
     // Every rank is past the last all-reduce; rank 0 may now wait for its uploads without
     // anyone waiting on it in a collective.
-    ring.barrier("the end of training")?;
-    drop(ring);
+    ring.finish("the end of training")?;
     let last_line = outcome.last.clone();
     if rank0 {
         let url = checkpoints.url().to_string();

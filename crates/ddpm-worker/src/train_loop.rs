@@ -3,10 +3,10 @@
 //! several ranks), the log, weight snapshots and checkpoints (rank 0).
 
 use crate::checkpoints::Checkpoints;
+use crate::comm::Comm;
 use crate::error::{ensure, Context, Result};
 use crate::exchange::GradientExchange;
 use crate::ledger::{self, Ledger, StepRecord};
-use ddpm_collective::Collective;
 use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
 use ddpm_data::loader::{Loader, LoaderOptions};
@@ -20,8 +20,8 @@ use tch::Tensor;
 
 /// The ranks this loop trains with.
 pub struct Ranks<'a> {
-    /// The collective over every rank.
-    pub comm: &'a mut dyn Collective,
+    /// The collective over every rank (the TCP ring, or NCCL on the device's buffers).
+    pub comm: &'a mut dyn Comm,
     /// Gradient buckets.
     pub exchange: GradientExchange,
 }
