@@ -215,13 +215,6 @@ async fn run(args: Args) -> Result<()> {
             "resuming from the newest committed checkpoint"
         );
     }
-    if plan.start_step >= total {
-        tracing::info!(
-            step = plan.start_step,
-            total_steps = total,
-            "the run is already complete: workers get 0 steps and report their final progress"
-        );
-    }
 
     if generation > 1 {
         tracing::info!(
@@ -229,7 +222,11 @@ async fn run(args: Args) -> Result<()> {
             "a coordinator ran this run before: continuing with generation {generation}; its workers register again"
         );
     }
+    let complete = plan.start_step >= total;
     let service = CoordinatorService::new(&cfg, store, plan, generation);
+    if complete {
+        service.finish_complete_run();
+    }
     let reaper = tokio::spawn(service.clone().expire_loop());
     let (health, health_service) = tonic_health::server::health_reporter();
     let coordinator_name =

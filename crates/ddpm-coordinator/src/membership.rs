@@ -130,6 +130,8 @@ pub struct Membership {
     waiting_since: Option<Instant>,
     /// The formed ring's slots, in ring order (empty while waiting).
     ring: Vec<u32>,
+    /// The member id of the last formed ring's rank 0 (its checkpoint writer).
+    last_leader: Option<String>,
     members: BTreeMap<u32, Member>,
 }
 
@@ -149,6 +151,7 @@ impl Membership {
             phase: Phase::Waiting,
             waiting_since: None,
             ring: Vec::new(),
+            last_leader: None,
             members: BTreeMap::new(),
         }
     }
@@ -247,9 +250,12 @@ impl Membership {
                 r
             }
             (None, Some(r)) => r,
+            // Only a free slot: a holder outside the current generation may still be a
+            // live survivor about to register again (it keeps its slot); a dead one's
+            // slot frees when its lease runs out, or goes to a worker asking for it by
+            // number (`--rank`, as a StatefulSet's replacement does).
             (None, None) => (0..slots)
                 .find(|r| !self.members.contains_key(r))
-                .or_else(|| (0..slots).find(|r| !self.is_current(&self.members[r])))
                 .ok_or_else(|| {
                     CoordinatorError::Taken(format!(
                         "all {slots} ranks are taken; {} ({}) cannot join",
@@ -303,9 +309,12 @@ impl Membership {
         }
     }
 
-    /// Forms the waiting generation's ring if it may: with `target` members at once, with
-    /// at least `min` once the grace period has passed. Members that did not register into
-    /// it are dropped. Returns whether it formed.
+    /// Forms the waiting generation's ring if it may: at once when at least `target` members
+    /// registered into it and no other member holding a lease is still to come (so a
+    /// generation of more than `target`, up to `slots`, takes all of them instead of
+    /// forming without the last and re-forming for it), else with at least `min` once the
+    /// grace period has passed. Members that did not register into it are dropped. Returns
+    /// whether it formed.
     pub fn try_form(&mut self, now: Instant) -> bool {
         if self.phase != Phase::Waiting {
             return false;
@@ -317,13 +326,27 @@ impl Membership {
             .map(|m| m.rank)
             .collect();
         let n = present.len() as u32;
+        let everyone = present.len() == self.members.len();
+        // The last checkpoint writer commits its upload in flight before it registers
+        // again; while it holds its lease, a generation does not form without it (the new
+        // writer would race it for the same steps).
+        let writer_to_come = self.last_leader.as_ref().is_some_and(|id| {
+            self.members
+                .values()
+                .any(|m| &m.join.member_id == id && m.generation != self.generation)
+        });
         let waited = self
             .waiting_since
             .is_some_and(|t| now.saturating_duration_since(t) >= self.sizes.grace);
-        if n == 0 || !(n >= self.sizes.target || (n >= self.sizes.min && waited)) {
+        let may = (n >= self.sizes.target && everyone)
+            || (n >= self.sizes.min && waited && !writer_to_come);
+        if n == 0 || !may {
             return false;
         }
         self.members.retain(|r, _| present.contains(r));
+        self.last_leader = present
+            .first()
+            .map(|r| self.members[r].join.member_id.clone());
         self.ring = present;
         self.phase = Phase::Running;
         self.waiting_since = None;

@@ -320,12 +320,37 @@ impl CoordinatorService {
                 store,
                 started: Instant::now(),
                 state: Mutex::new(state),
-                plan: tokio::sync::Mutex::new((generation, plan)),
+                // A restarted coordinator (generation > 1) reads the plan again for its first
+                // generation: a survivor's upload may commit after the startup read.
+                plan: tokio::sync::Mutex::new((
+                    if generation > 1 {
+                        generation - 1
+                    } else {
+                        generation
+                    },
+                    plan,
+                )),
                 finished: tokio::sync::watch::channel(false).0,
                 persisted: tokio::sync::Mutex::new(generation),
                 evals,
             }),
         }
+    }
+
+    /// Finishes a run whose final checkpoint is already committed (the plan starts at
+    /// `train.total_steps`): a coordinator restarted after the last step, or started again
+    /// on a complete run. Workers that register get "the run is finished", which they take
+    /// as the end.
+    pub fn finish_complete_run(&self) {
+        let mut st = self.lock();
+        st.membership.finish();
+        set_gauge("ddpm_run_finished", 1.0);
+        tracing::info!(
+            step = st.step,
+            "the final checkpoint is committed: the run is finished"
+        );
+        drop(st);
+        self.shared.finished.send_replace(true);
     }
 
     /// Whether every rank reported the last step.
@@ -457,7 +482,16 @@ impl CoordinatorService {
                 fresh = plan.is_fresh(),
                 "the re-formed ring continues from the newest committed checkpoint"
             );
-            self.lock().base_step = plan.start_step;
+            {
+                let mut st = self.lock();
+                st.base_step = plan.start_step;
+                // Commits whose notices were refused (sent in a generation that had ended)
+                // are counted here.
+                if plan.restore_step > st.last_checkpoint_step {
+                    st.last_checkpoint_step = plan.restore_step;
+                    set_gauge("ddpm_checkpoint_last_step", plan.restore_step as f64);
+                }
+            }
             *cached = (generation, plan);
         }
         Ok(cached.1.clone())

@@ -507,3 +507,35 @@ async fn a_restarted_coordinator_continues_after_its_predecessors_generations() 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_restarted_after_the_final_checkpoint_finishes_and_workers_are_told(
+) -> Result<()> {
+    // The run (total_steps = 3) has committed its final checkpoint, e.g. the coordinator
+    // died while it lingered, or during the final reports.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("run.toml");
+    std::fs::write(&file, config(dir.path(), 2, 10))?;
+    let mut cfg = ddpm_config::Config::from_file(&file)?;
+    let store = ddpm_coordinator::plan::open_store(&mut cfg)?;
+    let state = serde_json::json!({"step": 3, "epoch": 0, "position": 15, "data_order": "uniform"});
+    let blobs: Vec<(&str, ddpm_checkpoint::Blob)> = vec![(
+        ddpm_checkpoint::STATE_BLOB,
+        serde_json::to_vec(&state)?.into(),
+    )];
+    store.commit(3, &blobs, serde_json::json!({})).await?;
+    let mut coord = start_in(dir, &["--linger-secs", "3"])?;
+    let mut c = coord.client().await?;
+    let status = c.status(v1::StatusRequest {}).await?.into_inner();
+    assert_eq!(status.state, RunState::Finished as i32);
+    // A worker that comes (back) is told the run is finished; it takes that as the end.
+    let err = c.register(join("a", None)).await.unwrap_err();
+    assert!(
+        err.message().starts_with("the run is finished"),
+        "{}",
+        err.message()
+    );
+    let exit = coord.wait_exit()?;
+    assert!(exit.success(), "{}", coord.stderr());
+    Ok(())
+}

@@ -233,36 +233,41 @@ fn an_elastic_run_goes_on_with_fewer_after_the_grace_and_grows_when_a_worker_joi
         grace: Duration::from_secs(5),
     };
     let mut m = running(3, sizes, t);
-    // Rank 0 dies; b reports the failure, c follows.
-    m.register(failed("b", 1), t).unwrap();
-    m.register(failed("c", 1), t + Duration::from_secs(1))
+    // Rank 2 dies; a reports the failure, b follows.
+    m.register(failed("a", 1), t).unwrap();
+    m.register(failed("b", 1), t + Duration::from_secs(1))
         .unwrap();
     assert_eq!((m.phase(), m.generation()), (Phase::Waiting, 2));
     // Two of three wait for the third during the grace...
     assert!(!m.try_form(t + Duration::from_secs(4)));
-    // ...then form without it: b is ring rank 0 (the checkpoint writer), c ring rank 1.
+    // ...then form without it: a ring of 2.
     m.expire(t + Duration::from_secs(5));
     assert_eq!(m.phase(), Phase::Running);
     assert_eq!(m.world_size(), 2);
     assert_eq!(
-        (m.ring_rank(1), m.ring_rank(2), m.ring_leader()),
-        (Some(0), Some(1), Some(1))
+        (
+            m.ring_rank(0),
+            m.ring_rank(1),
+            m.ring_rank(2),
+            m.ring_leader()
+        ),
+        (Some(0), Some(1), None, Some(0))
     );
     assert!(
-        m.members().all(|x| x.join.member_id != "a"),
+        m.members().all(|x| x.join.member_id != "c"),
         "the dead member is dropped"
     );
     let t2 = t + Duration::from_secs(6);
     m.report(1, progress(2, 7), t2).unwrap();
-    // A new worker takes the free slot 0: the run moves to generation 3, which forms at
+    // A new worker takes the free slot 2: the run moves to generation 3, which forms at
     // once when the two survivors have registered into it (3 is the target).
     let adm = m.register(join("d", None), t2).unwrap();
-    assert_eq!((adm.rank, adm.generation, adm.ring_rank), (0, 3, None));
-    m.register(failed("b", 2), t2).unwrap();
-    let adm = m.register(join("c", None), t2).unwrap();
+    assert_eq!((adm.rank, adm.generation, adm.ring_rank), (2, 3, None));
+    m.register(failed("a", 2), t2).unwrap();
+    let adm = m.register(join("b", None), t2).unwrap();
     assert_eq!(
         (adm.generation, adm.ring_rank, adm.world_size),
-        (3, Some(2), 3)
+        (3, Some(1), 3)
     );
     // b kept its report of generation 2 (it is the same process).
     assert_eq!(m.holder(1, 3).unwrap().progress, Some(progress(2, 7)));
@@ -298,4 +303,64 @@ fn a_restarted_coordinator_starts_after_the_old_generations() {
     );
     let adm = m.register(failed("a", 6), t).unwrap();
     assert_eq!((adm.generation, adm.ring_rank), (7, Some(0)));
+}
+
+#[test]
+fn a_generation_above_the_target_waits_for_every_live_member_instead_of_re_forming_for_each() {
+    let t = Instant::now();
+    let sizes = Sizes {
+        target: 3,
+        min: 3,
+        slots: 4,
+        grace: Duration::from_secs(5),
+    };
+    let mut m = running(3, sizes, t);
+    // A fourth worker joins the ring of 3: generation 2 includes it.
+    m.register(join("d", None), t).unwrap();
+    assert_eq!((m.phase(), m.generation()), (Phase::Waiting, 2));
+    m.register(failed("a", 1), t).unwrap();
+    m.register(failed("b", 1), t).unwrap();
+    // Three of four registered: the target, but c (holding a lease) is still to come.
+    assert_eq!(m.phase(), Phase::Waiting);
+    m.register(failed("c", 1), t).unwrap();
+    assert_eq!(
+        (m.phase(), m.world_size(), m.generation()),
+        (Phase::Running, 4, 2)
+    );
+    // Polling registrations of the formed ring change nothing.
+    m.register(join("d", None), t).unwrap();
+    assert_eq!((m.phase(), m.generation()), (Phase::Running, 2));
+}
+
+#[test]
+fn an_elastic_generation_waits_for_the_last_checkpoint_writer_while_it_holds_its_lease() {
+    let t = Instant::now();
+    let sizes = Sizes {
+        target: 3,
+        min: 2,
+        slots: 3,
+        grace: Duration::from_secs(1),
+    };
+    let mut m = running(3, sizes, t);
+    // c dies; b reports it; a (ring rank 0) is still committing its upload in flight.
+    m.register(failed("b", 1), t).unwrap();
+    m.heartbeat(0, 1, "a", t).unwrap_err();
+    // Past the grace, b alone plus nobody: no ring; and not without a while a holds its lease.
+    let t2 = t + Duration::from_secs(2);
+    m.register(join("d", Some(2)), t2).unwrap();
+    assert!(!m.try_form(t2));
+    // a registers: the three form at once.
+    m.register(failed("a", 1), t2).unwrap();
+    assert_eq!((m.phase(), m.world_size()), (Phase::Running, 3));
+    // Now the writer a dies: b and d wait for it until its lease (30 s) runs out.
+    m.register(failed("b", 2), t2).unwrap();
+    m.register(failed("d", 2), t2).unwrap();
+    assert!(!m.try_form(t2 + Duration::from_secs(10)));
+    m.register(join("b", None), t2 + Duration::from_secs(25))
+        .unwrap();
+    m.register(join("d", None), t2 + Duration::from_secs(25))
+        .unwrap();
+    m.expire(t2 + Duration::from_secs(31));
+    assert_eq!((m.phase(), m.world_size()), (Phase::Running, 2));
+    assert_eq!(m.ring_leader(), Some(1));
 }
