@@ -121,6 +121,11 @@ pub struct CoordinatorLink {
     stop: Arc<Mutex<Option<Halt>>>,
     /// The heartbeat task of the current generation.
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+    /// The generation whose heartbeat task may set `stop` and `finished` (an ended task's
+    /// late write is ignored).
+    current: Arc<std::sync::atomic::AtomicU64>,
+    /// Set when a heartbeat answer says the run is finished.
+    finished: Arc<std::sync::atomic::AtomicBool>,
     /// Aborts the collective when the heartbeat task learns the run moved on.
     abort: Arc<Mutex<Option<Arc<dyn AbortHandle>>>>,
     /// Reports go out one at a time, in order, so a late one never lands after the final.
@@ -213,6 +218,8 @@ impl CoordinatorLink {
             url: url.to_string(),
             stop: Arc::new(Mutex::new(None)),
             heartbeat: None,
+            current: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            finished: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             abort: Arc::new(Mutex::new(None)),
             reports,
         })
@@ -313,17 +320,34 @@ impl CoordinatorLink {
     /// the lease. A refusal (another generation, a lost lease) asks training to re-form; a
     /// failed run, or a coordinator unreachable for longer than `patience`, stops it.
     pub fn keep_lease(&mut self, joined: &Joined, member_id: &str, patience: Duration) {
+        use std::sync::atomic::Ordering;
         if let Some(old) = self.heartbeat.take() {
             old.abort();
         }
-        *self.stop.lock().expect("stop flag") = None;
-        *self.abort.lock().expect("abort handle") = None;
+        let generation = joined.generation;
+        {
+            // Under the stop lock, which the old task's halt also takes: once this is done,
+            // nothing the old task does changes the new generation's flags.
+            let mut stop = self.stop.lock().expect("stop flag");
+            self.current.store(generation, Ordering::SeqCst);
+            *stop = None;
+            *self.abort.lock().expect("abort handle") = None;
+            self.finished.store(false, Ordering::SeqCst);
+        }
         let mut client = self.client.clone();
         let stop = self.stop.clone();
         let abort = self.abort.clone();
-        // Stops training and interrupts a collective blocked on a peer that is gone.
+        let current = self.current.clone();
+        let still_current = self.current.clone();
+        let finished = self.finished.clone();
+        // Stops training and interrupts a collective blocked on a peer that is gone; only
+        // while this task's generation is the current one.
         let halt = move |why: Halt| {
-            *stop.lock().expect("stop flag") = Some(why);
+            let mut stop = stop.lock().expect("stop flag");
+            if current.load(Ordering::SeqCst) != generation {
+                return;
+            }
+            *stop = Some(why);
             if let Some(a) = abort.lock().expect("abort handle").as_ref() {
                 a.abort();
             }
@@ -342,9 +366,15 @@ impl CoordinatorLink {
                 match client.heartbeat(request.clone()).await {
                     Ok(r) => {
                         last_ok = Instant::now();
-                        if r.into_inner().state == RunState::Failed as i32 {
+                        let state = r.into_inner().state;
+                        if state == RunState::Failed as i32 {
                             halt(Halt::Fatal("the coordinator says the run failed".into()));
                             return;
+                        }
+                        if state == RunState::Finished as i32
+                            && still_current.load(Ordering::SeqCst) == generation
+                        {
+                            finished.store(true, Ordering::SeqCst);
                         }
                     }
                     Err(s) if s.code() == tonic::Code::FailedPrecondition => {
@@ -375,8 +405,45 @@ impl CoordinatorLink {
 
     /// From now on, a refused heartbeat also aborts `abort`'s collective, so a rank blocked
     /// on a peer the coordinator has given up on fails at once instead of at the timeout.
+    /// If the stop flag is already set, `abort` fires at once.
     pub fn abort_on_stop(&self, abort: Arc<dyn AbortHandle>) {
+        let stop = self.stop.lock().expect("stop flag");
+        if stop.is_some() {
+            abort.abort();
+        }
         *self.abort.lock().expect("abort handle") = Some(abort);
+    }
+
+    /// After this rank's final report was answered RUNNING (other ranks still to report):
+    /// waits until a heartbeat says the run is finished, so that this worker is still there
+    /// if the others' reports fail and the run must re-form (it then gets
+    /// [`WorkerError::Reform`]). Gives up after `patience`.
+    pub fn wait_finished(&self, patience: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if self.finished.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            match self.stop_reason() {
+                Some(Halt::Reform(why)) => {
+                    return Err(WorkerError::Reform(format!(
+                        "waiting for the other ranks' final reports: {why}"
+                    )))
+                }
+                Some(Halt::Fatal(why)) => {
+                    return Err(WorkerError::Invalid(format!(
+                        "waiting for the other ranks' final reports: {why}"
+                    )))
+                }
+                None => {}
+            }
+            if started.elapsed() > patience {
+                return Err(WorkerError::Invalid(format!(
+                    "the run was not finished {patience:?} after this rank's final report"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Why training must stop, if it must.
@@ -385,16 +452,27 @@ impl CoordinatorLink {
     }
 
     /// The stretch of training for this rank.
-    pub fn next_work(&self, joined: &Joined) -> Result<WorkAssignment> {
+    /// An unreachable coordinator (or an unreadable store) is retried with backoff for
+    /// `patience`; a refusal of the generation asks to re-form.
+    pub fn next_work(&self, joined: &Joined, patience: Duration) -> Result<WorkAssignment> {
         let mut client = self.client.clone();
         let req = WorkRequest {
             rank: joined.rank,
             generation: joined.generation,
         };
-        self.rt
-            .block_on(client.next_work(req))
-            .map(tonic::Response::into_inner)
-            .map_err(|s| stale_or(s, "NextWork"))
+        let started = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            match self.rt.block_on(client.next_work(req)) {
+                Ok(w) => return Ok(w.into_inner()),
+                Err(s) if transient(s.code()) && started.elapsed() < patience => {
+                    let wait = backoff.next();
+                    tracing::warn!(error = %s.message(), retry_in = ?wait, "no work from the coordinator; asking again");
+                    std::thread::sleep(wait);
+                }
+                Err(s) => return Err(stale_or(s, "NextWork")),
+            }
+        }
     }
 
     /// Queues a progress report; the training thread does not wait for it.

@@ -255,9 +255,19 @@ pub fn run(o: WorkerOptions) -> Result<()> {
             nccl_unique_id,
         };
         tracing::info!(coordinator = %link.url(), ring = %me.ring_address, failed_generation, "registering");
-        let joined = link
-            .join(&me, failed_generation, patience)
-            .map_err(|e| comm::explain_refusal(e, missing))?;
+        let joined = match link.join(&me, failed_generation, patience) {
+            Ok(j) => j,
+            // The run ended while this worker was away (a replacement, or a survivor of
+            // a coordinator restart after the final checkpoint): nothing left to do.
+            Err(WorkerError::Rpc { status, .. })
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().starts_with("the run is finished") =>
+            {
+                tracing::info!(reason = status.message(), "the run is finished");
+                return Ok(());
+            }
+            Err(e) => return Err(comm::explain_refusal(e, missing)),
+        };
         backend = received_config(&joined, &o)
             .ok()
             .map(|c| c.distributed.backend);
@@ -322,7 +332,7 @@ fn generation(
 ) -> Result<()> {
     let cfg = received_config(joined, o)?;
     comm::check_backend(&cfg, o.device)?;
-    let work = link.next_work(joined)?;
+    let work = link.next_work(joined, o.connect_patience)?;
     let out = o
         .out
         .clone()
@@ -453,6 +463,10 @@ fn generation(
         allreduce_seconds: last_line.as_ref().map_or(0.0, |l| l.allreduce_seconds),
     };
     let state = link.report_and_wait(final_report, o.connect_patience)?;
+    if state != ddpm_proto::v1::RunState::Finished {
+        // Still needed if another rank's final report fails and the run re-forms.
+        link.wait_finished(o.connect_patience)?;
+    }
     tracing::info!(step, state = ?state, "done");
     Ok(())
 }
