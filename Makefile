@@ -101,21 +101,21 @@ $(MOTO_STAMP):
 	test -x .tools/moto/bin/moto_server
 	touch $@
 
-## lint: formatting and clippy with warnings as errors
+## lint: formatting and clippy with warnings as errors, without and with the NCCL features
 lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) clippy -p ddpm-collective --all-targets --features nccl --locked -- -D warnings
-	$(CARGO) clippy -p ddpm-worker --all-targets --features nccl-gpu-tests --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features ddpm-worker/nccl-gpu-tests --locked -- -D warnings
 
-## test: lint, then every test of the workspace (and the NCCL backend's CPU tests: its loading
-## errors, and the worker's refusals without NCCL), then one summary line over all test binaries
+## test: lint, then every test of the workspace, then the unit tests again with the NCCL
+## backend built (its loading errors, the worker's refusals without NCCL; --workspace so that
+## features unify as in the first build and little is rebuilt), then one summary line over all
+## test binaries
 test: lint test-tools check-deploy
 	@mkdir -p target
 	@set -o pipefail; status=0; \
 	$(CARGO) test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.log || status=$$?; \
-	$(CARGO) test -p ddpm-collective --features nccl --locked --no-fail-fast 2>&1 | tee -a target/test-output.log || status=$$?; \
-	$(CARGO) test -p ddpm-worker --features nccl --locked --no-fail-fast --lib 2>&1 | tee -a target/test-output.log || status=$$?; \
+	$(CARGO) test --workspace --lib --features ddpm-worker/nccl --locked --no-fail-fast 2>&1 | tee -a target/test-output.log || status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log; \
 	exit $$status
 
