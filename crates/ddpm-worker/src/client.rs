@@ -135,6 +135,27 @@ pub struct CoordinatorLink {
 /// Every RPC gives up after this long (the coordinator answers from memory).
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Calls `call` until it answers: a transient failure of the RPC in it (the coordinator
+/// restarting, a store blip) is tried again with [`Backoff`] (logging `note`) until
+/// `patience` has passed; a refusal of the generation becomes [`WorkerError::Reform`].
+fn retrying<T>(patience: Duration, note: &str, mut call: impl FnMut() -> Result<T>) -> Result<T> {
+    let started = Instant::now();
+    let mut backoff = Backoff::new();
+    loop {
+        match call() {
+            Err(WorkerError::Rpc { status, .. })
+                if transient(status.code()) && started.elapsed() < patience =>
+            {
+                let wait = backoff.next();
+                tracing::warn!(error = %status.message(), retry_in = ?wait, "{note}");
+                std::thread::sleep(wait);
+            }
+            Err(WorkerError::Rpc { status, what }) => return Err(stale_or(*status, &what)),
+            other => return other,
+        }
+    }
+}
+
 /// A refusal of this worker's generation (FAILED_PRECONDITION: the run moved on, or the
 /// coordinator restarted) as [`WorkerError::Reform`]; any other status as an RPC error.
 fn stale_or(status: tonic::Status, what: &str) -> WorkerError {
@@ -460,19 +481,16 @@ impl CoordinatorLink {
             rank: joined.rank,
             generation: joined.generation,
         };
-        let started = Instant::now();
-        let mut backoff = Backoff::new();
-        loop {
-            match self.rt.block_on(client.next_work(req)) {
-                Ok(w) => return Ok(w.into_inner()),
-                Err(s) if transient(s.code()) && started.elapsed() < patience => {
-                    let wait = backoff.next();
-                    tracing::warn!(error = %s.message(), retry_in = ?wait, "no work from the coordinator; asking again");
-                    std::thread::sleep(wait);
-                }
-                Err(s) => return Err(stale_or(s, "NextWork")),
-            }
-        }
+        retrying(
+            patience,
+            "no work from the coordinator; asking again",
+            || {
+                self.rt
+                    .block_on(client.next_work(req))
+                    .map(tonic::Response::into_inner)
+                    .map_err(rpc("NextWork"))
+            },
+        )
     }
 
     /// Queues a progress report; the training thread does not wait for it.
@@ -485,23 +503,12 @@ impl CoordinatorLink {
     /// refusal of the generation asks to re-form.
     pub fn report_and_wait(&self, report: ProgressReport, patience: Duration) -> Result<RunState> {
         let gone = || WorkerError::Invalid("the progress reporter stopped".into());
-        let started = Instant::now();
-        let mut backoff = Backoff::new();
-        loop {
+        let note = "the progress report did not reach the coordinator; sending it again";
+        retrying(patience, note, || {
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.reports.send((report, Some(tx))).map_err(|_| gone())?;
-            match self.rt.block_on(rx).map_err(|_| gone())? {
-                Err(WorkerError::Rpc { status, .. })
-                    if transient(status.code()) && started.elapsed() < patience =>
-                {
-                    let wait = backoff.next();
-                    tracing::warn!(error = %status.message(), retry_in = ?wait, "the progress report did not reach the coordinator; sending it again");
-                    std::thread::sleep(wait);
-                }
-                Err(WorkerError::Rpc { status, what }) => return Err(stale_or(*status, &what)),
-                other => return other,
-            }
-        }
+            self.rt.block_on(rx).map_err(|_| gone())?
+        })
     }
 
     /// Rank 0: tells the coordinator a checkpoint was committed (without blocking).
