@@ -194,6 +194,15 @@ impl DataCache {
     }
 }
 
+/// What a worker keeps from one generation to the next.
+#[derive(Default)]
+struct Kept {
+    /// The training data.
+    data: DataCache,
+    /// Test mode: one ledger file per process, across its generations.
+    ledger: Option<crate::ledger::Ledger>,
+}
+
 /// Ring rank 0: waits for the checkpoint uploads in flight and tells the coordinator of the
 /// newest committed one.
 fn finish_uploads(
@@ -230,9 +239,7 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         coordinator: o.connect_patience,
         taken_rank: o.taken_rank_patience,
     };
-    let mut data = DataCache::default();
-    // Test mode: one ledger file per process, across its generations.
-    let mut ledger = None;
+    let mut kept = Kept::default();
     let mut failed_generation = 0;
     let mut fruitless = 0;
     // The run's backend, known from the config of the first answer (comm's module docs).
@@ -268,9 +275,8 @@ pub fn run(o: WorkerOptions) -> Result<()> {
             }
             Err(e) => return Err(comm::explain_refusal(e, missing)),
         };
-        backend = received_config(&joined, &o)
-            .ok()
-            .map(|c| c.distributed.backend);
+        let cfg = received_config(&joined, &o)?;
+        backend = Some(cfg.distributed.backend);
         link.keep_lease(&joined, &me.member_id, o.connect_patience);
         let span = tracing::info_span!(
             "worker",
@@ -280,23 +286,15 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         );
         let _guard = span.enter();
         tracing::info!(world_size = joined.world_size, "joined the ring");
-        if let (None, Some(dir)) = (&ledger, &o.ledger) {
-            ledger = Some(crate::ledger::Ledger::open(
+        if let (None, Some(dir)) = (&kept.ledger, &o.ledger) {
+            kept.ledger = Some(crate::ledger::Ledger::open(
                 dir,
                 joined.rank,
                 &me.member_id,
             )?);
         }
         let mut steps = 0;
-        match generation(
-            &o,
-            &link,
-            &joined,
-            listener,
-            &mut data,
-            ledger.as_ref(),
-            &mut steps,
-        ) {
+        match generation(&o, &link, &joined, cfg, listener, &mut kept, &mut steps) {
             Ok(()) => return Ok(()),
             Err(e) if e.needs_reform() => {
                 fruitless = if steps == 0 { fruitless + 1 } else { 0 };
@@ -319,18 +317,17 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     }
 }
 
-/// One generation: restore, form the ring, train to the end (Ok), or fail; `steps` counts
+/// One generation (`cfg`: the config its coordinator handed out): restore, form the ring, train to the end (Ok), or fail; `steps` counts
 /// the steps it completed.
 fn generation(
     o: &WorkerOptions,
     link: &CoordinatorLink,
     joined: &Joined,
+    cfg: Config,
     listener: TcpListener,
-    data_cache: &mut DataCache,
-    ledger: Option<&crate::ledger::Ledger>,
+    kept: &mut Kept,
     steps: &mut u64,
 ) -> Result<()> {
-    let cfg = received_config(joined, o)?;
     comm::check_backend(&cfg, o.device)?;
     let work = link.next_work(joined, o.connect_patience)?;
     let out = o
@@ -341,7 +338,7 @@ fn generation(
     let rank0 = joined.ring_rank == 0;
     let checkpoints = Checkpoints::open(&cfg, &out)?;
     let mut cursor = Cursor::at(work.epoch, work.position);
-    let data = data_cache.open(&cfg.data)?;
+    let data = kept.data.open(&cfg.data)?;
     let data_order = data.order().describe();
     if !work.restore_url.is_empty() {
         let r = checkpoints
@@ -418,7 +415,7 @@ fn generation(
                 exchange: GradientExchange::new(cfg.distributed.bucket_mb as usize),
             }),
             generation: joined.generation,
-            ledger,
+            ledger: kept.ledger.as_ref(),
         },
         &mut reporter,
     );
