@@ -7,6 +7,8 @@ TORCH_VERSION := 2.11.0
 LIBTORCH_STAMP := .libtorch/.installed-$(TORCH_VERSION)
 FMNIST := .data/fashion-mnist/train-images-idx3-ubyte.gz
 CARGO ?= cargo
+# A clean build gains nothing from incremental state, which is several GB in target/.
+export CARGO_INCREMENTAL ?= 0
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 SKIMAGE_VERSION := 0.26.0
@@ -28,7 +30,7 @@ libtorch: $(LIBTORCH_STAMP)
 
 $(LIBTORCH_STAMP):
 	rm -rf .libtorch
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --target .libtorch \
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target .libtorch \
 		torch==$(TORCH_VERSION) nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
 	test -f .libtorch/torch/lib/libtorch_cpu.so
 	touch $@
