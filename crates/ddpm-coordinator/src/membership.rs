@@ -506,6 +506,12 @@ impl Membership {
         self.phase
     }
 
+    /// Whether a ring is gathering after an earlier one (of this coordinator or of the one
+    /// before it) ended: a generation past the first that has not formed yet.
+    pub fn reforming(&self) -> bool {
+        self.phase == Phase::Waiting && self.generation > 1
+    }
+
     /// The current ring generation.
     pub fn generation(&self) -> u64 {
         self.generation

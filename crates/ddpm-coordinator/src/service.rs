@@ -154,8 +154,11 @@ impl State {
     }
 }
 
-fn run_state(phase: Phase) -> v1::RunState {
-    match phase {
+/// Where the run stands, as the protocol says it: a generation gathering after an earlier
+/// one ended is RUN_STATE_REFORMING.
+fn run_state(membership: &Membership) -> v1::RunState {
+    match membership.phase() {
+        Phase::Waiting if membership.reforming() => v1::RunState::Reforming,
         Phase::Waiting => v1::RunState::Waiting,
         Phase::Running => v1::RunState::Running,
         Phase::Finished => v1::RunState::Finished,
@@ -661,21 +664,20 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let r = request.into_inner();
         let now = Instant::now();
-        let (phase, generation) = {
+        let (state, generation) = {
             let mut st = self.lock();
             self.expire(&mut st, now);
-            let phase = st
-                .membership
+            st.membership
                 .heartbeat(r.rank, r.generation, &r.member_id, now)
                 .map_err(|e| {
                     tracing::debug!(error = %e, "heartbeat refused");
                     Status::from(e)
                 })?;
-            (phase, st.membership.generation())
+            (run_state(&st.membership), st.membership.generation())
         };
         self.persist(generation).await?;
         Ok(Response::new(v1::HeartbeatResponse {
-            state: run_state(phase).into(),
+            state: state.into(),
             lease_millis: self.shared.lease_millis,
             generation,
         }))
@@ -807,7 +809,7 @@ impl Coordinator for CoordinatorService {
             set_gauge("ddpm_run_finished", 1.0);
             tracing::info!("{}", self.summary(&st));
         }
-        let state = run_state(st.membership.phase());
+        let state = run_state(&st.membership);
         drop(st);
         if finished_now {
             self.shared.finished.send_replace(true);
@@ -893,7 +895,7 @@ impl CoordinatorService {
         };
         v1::StatusResponse {
             run_name: self.shared.run_name.clone(),
-            state: run_state(st.membership.phase()).into(),
+            state: run_state(&st.membership).into(),
             world_size: st.membership.world_size(),
             generation: st.membership.generation(),
             step: st.run_step(),

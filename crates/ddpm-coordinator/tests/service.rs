@@ -441,7 +441,7 @@ async fn a_lost_worker_moves_the_generation_and_a_replacement_fills_its_rank() -
     let status = c.status(v1::StatusRequest {}).await?.into_inner();
     assert_eq!(
         (status.generation, status.state),
-        (2, RunState::Waiting as i32)
+        (2, RunState::Reforming as i32)
     );
     assert!(status.members.iter().all(|m| m.member_id != "bb"));
     let err = c.report_progress(report(1, 1, 1)).await.unwrap_err();

@@ -244,11 +244,22 @@ async fn a_lost_member_moves_the_generation_and_the_new_ring_resumes_from_the_st
     let st = status(&svc).await;
     assert_eq!(
         (st.generation, st.state, st.members.len()),
-        (2, v1::RunState::Waiting as i32, 0)
+        (2, v1::RunState::Reforming as i32, 0)
     );
     let s = svc.report_progress(report(0, 1, 7)).await.unwrap_err();
     assert!(s.message().contains("generation 2"), "{}", s.message());
     let a = svc.register(join("a", None)).await.unwrap().into_inner();
+    // A member of the gathering generation hears that the ring is re-forming.
+    let beat = svc
+        .heartbeat(Request::new(v1::HeartbeatRequest {
+            rank: a.rank,
+            generation: 2,
+            member_id: "a".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(beat.state, v1::RunState::Reforming as i32);
     let c = svc.register(join("c", None)).await.unwrap().into_inner();
     assert_eq!((a.generation, a.rank, c.rank), (2, 0, 1));
     assert!(c.rendezvous.is_some());
