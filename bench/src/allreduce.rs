@@ -140,6 +140,7 @@ pub fn rank(a: &RankArgs) -> Result<Value> {
         timeout: Duration::from_secs(120),
         chunk_elems: c.chunk_elems,
         generation: 1,
+        ..RingOptions::default()
     };
     let mut ring = TcpRing::connect(a.rank, ring_listener, &a.ring, opts)?;
     // The raw pair: to the next rank, from the previous, as the ring's own sockets are.

@@ -326,6 +326,133 @@ fn a_taken_rank_is_refused_and_a_hung_peer_times_out_and_the_ring_re_forms_when_
 }
 
 #[test]
+fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collective_timeout() {
+    use ddpm_proto::v1::{self, coordinator_client::CoordinatorClient};
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let idx = root.join("images.idx.gz");
+    write_idx(&idx);
+    let cfg = config(root, "forming", &format!("idx:{}", path(&idx)));
+    // The collective timeout stays 120 s; the lost member's lease is 5 s.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("lease_secs = 20", "lease_secs = 5");
+    std::fs::write(&cfg, text).unwrap();
+    let mut coordinator = Command::new(sibling("coordinator"))
+        .args(["--config", &cfg, "--listen", "127.0.0.1:0"])
+        .args(["--world-size", "2"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(root.join("coordinator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(coordinator.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = format!(
+        "http://{}",
+        first
+            .trim()
+            .strip_prefix("coordinator listening on ")
+            .unwrap()
+    );
+    let mut w0 = Command::new(sibling("worker"))
+        .args(["--coordinator", &url, "--rank", "0", "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.join("w0.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // Rank 1 registers once rank 0 waits, and dies once rank 0 is forming the ring (has
+    // connected to it): it never connects to rank 0, nor heartbeats again.
+    let dead_ring = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    dead_ring.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let lost = rt.block_on(async {
+        let mut c = CoordinatorClient::connect(url.clone()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let st = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
+            if st.members.len() == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "rank 0 did not register");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = c
+            .register(v1::RegisterRequest {
+                protocol_version: ddpm_proto::PROTOCOL_VERSION,
+                role: v1::Role::Worker.into(),
+                requested_rank: Some(1),
+                host: "lost-host".into(),
+                device: "cpu".into(),
+                member_id: "lost".into(),
+                ring_address: dead_ring.local_addr().unwrap().to_string(),
+                nccl_unique_id: Vec::new(),
+                failed_generation: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.rendezvous.is_some(), "the ring of 2 is complete: {r:?}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let from_rank0 = loop {
+            match dead_ring.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accepting rank 0: {e}"),
+            }
+            assert!(Instant::now() < deadline, "rank 0 did not start forming");
+            c.heartbeat(v1::HeartbeatRequest {
+                rank: r.rank,
+                generation: r.generation,
+                member_id: "lost".into(),
+            })
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        (from_rank0, Instant::now())
+    });
+    // Its lease lapses, the coordinator moves on, rank 0's heartbeat is refused, and rank 0
+    // stops forming the ring at once and registers again.
+    let (_from_rank0, died) = lost;
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read("w0.log").contains("registering again for the next one") {
+        assert!(
+            Instant::now() < deadline,
+            "rank 0 did not give generation 1 up: {}",
+            read("w0.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = read("w0.log");
+    assert!(
+        log.contains("forming the ring on rank 0: aborted"),
+        "rank 0 was still forming the ring: {log}"
+    );
+    assert!(
+        died.elapsed() < Duration::from_secs(30),
+        "a 5 s lease against a 120 s collective timeout, it took {:?}",
+        died.elapsed()
+    );
+    assert!(
+        w0.try_wait().unwrap().is_none(),
+        "rank 0 waits for generation 2"
+    );
+    for mut p in [w0, coordinator] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+#[test]
 fn a_dataset_unreadable_throughout_stops_a_distributed_run_instead_of_spinning() {
     // Each rank counts only its own skipped samples; the ranks together must notice that
     // no sample of an epoch decodes, even when data.max_bad_fraction allows all of them.

@@ -130,6 +130,26 @@ pub trait AbortHandle: Send + Sync {
     fn abort(&self);
 }
 
+/// An [`AbortHandle`] for the time before a collective exists: forming a ring or a
+/// communicator checks it while it waits for its peers ([`tcp::RingOptions::abort`],
+/// [`nccl::NcclOptions::abort`]), so a caller that learns the group is gone (a peer died,
+/// the coordinator moved on) need not wait out the timeout.
+#[derive(Debug, Default)]
+pub struct AbortFlag(std::sync::atomic::AtomicBool);
+
+impl AbortFlag {
+    /// Whether [`AbortHandle::abort`] was called.
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl AbortHandle for AbortFlag {
+    fn abort(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The operations every backend offers. `what` names the call in errors and logs (e.g.
 /// "gradient bucket 2 at step 140").
 pub trait Collective: Send {

@@ -58,7 +58,7 @@
 //! the worker passes null). The operation is ordered after the work already on that stream
 //! (the backward pass that wrote the gradients), and the call returns only once it has run.
 
-use crate::{AbortHandle, Collective, CollectiveError, ReduceOp, Result};
+use crate::{AbortFlag, AbortHandle, Collective, CollectiveError, ReduceOp, Result};
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys as cusys;
 use cudarc::nccl::sys as nsys;
@@ -98,6 +98,10 @@ pub struct NcclOptions {
     /// The coordinator's generation: names the communicator in NCCL's logs and errors.
     /// (The unique id already keeps ranks of different generations apart.)
     pub generation: u64,
+    /// Checked by every wait, forming the communicator included: once set, the
+    /// communicator is aborted and the operation fails with [`CollectiveError::GroupAborted`]
+    /// (as through [`NcclComm::abort_handle`], which exists only once it is formed).
+    pub abort: Option<Arc<AbortFlag>>,
 }
 
 impl Default for NcclOptions {
@@ -105,6 +109,7 @@ impl Default for NcclOptions {
         Self {
             timeout: Duration::from_secs(300),
             generation: 0,
+            abort: None,
         }
     }
 }
@@ -859,7 +864,9 @@ impl NcclComm {
     /// Fails when an abort was asked for (before or during the operation) or the deadline
     /// has passed (aborting then).
     fn check_deadline(&self, what: &str, deadline: Instant, started: Instant) -> Result<()> {
-        if self.shared.abort_requested.load(Ordering::SeqCst) {
+        if self.shared.abort_requested.load(Ordering::SeqCst)
+            || self.options.abort.as_ref().is_some_and(|f| f.is_set())
+        {
             self.shared.abort_comm("aborted through its AbortHandle");
             return Err(self.aborted(what));
         }
@@ -1371,6 +1378,7 @@ mod tests {
         let o = NcclOptions {
             timeout: Duration::ZERO,
             generation: 1,
+            abort: None,
         };
         let err = NcclComm::init(0, 1, &id, 0, o).unwrap_err();
         assert!(

@@ -7,7 +7,7 @@
 //! both directions. Every operation starts with a header (operation, length, sequence
 //! number), so ranks that disagree fail with a message instead of exchanging garbage.
 
-use crate::{AbortHandle, Collective, CollectiveError, ReduceOp, Result};
+use crate::{AbortFlag, AbortHandle, Collective, CollectiveError, ReduceOp, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,9 @@ pub struct RingOptions {
     /// Identifies one incarnation of the ring (the coordinator's generation): a peer of
     /// another generation is refused.
     pub generation: u64,
+    /// Checked while the ring forms: once set, [`TcpRing::connect`] stops waiting for its
+    /// peers and fails with [`CollectiveError::Aborted`].
+    pub abort: Option<Arc<AbortFlag>>,
 }
 
 impl Default for RingOptions {
@@ -37,6 +40,7 @@ impl Default for RingOptions {
             timeout: Duration::from_secs(300),
             chunk_elems: 1 << 18, // 1 MiB of f32
             generation: 0,
+            abort: None,
         }
     }
 }
@@ -139,8 +143,9 @@ impl TcpRing {
         // even before it calls accept, so no ordering between ranks is needed.
         let next_rank = (rank + 1) % world;
         let mut next = loop {
+            ring.check_forming_abort(what)?;
             let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = left.clamp(Duration::from_millis(10), Duration::from_secs(5));
+            let attempt = left.clamp(Duration::from_millis(10), Duration::from_secs(1));
             match TcpStream::connect_timeout(&peers[next_rank], attempt) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() < deadline => {
@@ -163,6 +168,7 @@ impl TcpRing {
         let want = handshake(prev_rank, world, ring.options.generation);
         let mut refused: Option<String> = None;
         let prev = loop {
+            ring.check_forming_abort(what)?;
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
@@ -177,16 +183,10 @@ impl TcpRing {
                 }
                 Err(e) => return Err(ring.io_error(what, prev_rank, e)),
             };
-            let left = deadline.saturating_duration_since(Instant::now());
             let mut stream = stream;
-            let mut h = [0u8; 24];
-            let read = stream
-                .set_nonblocking(false)
-                .and_then(|()| stream.set_read_timeout(Some(left.max(Duration::from_millis(10)))))
-                .and_then(|()| stream.read_exact(&mut h));
-            match read {
-                Ok(()) if h == want => break stream,
-                Ok(()) => {
+            match ring.read_handshake(&mut stream, deadline, what)? {
+                Ok(h) if h == want => break stream,
+                Ok(h) => {
                     let reason = format!(
                         "expected rank {prev_rank} of {world} (generation {}) to connect, got magic {:#x} version {} rank {} of {} (generation {})",
                         ring.options.generation,
@@ -216,6 +216,52 @@ impl TcpRing {
         ring.next = Some(next);
         ring.prev = Some(prev);
         Ok(ring)
+    }
+
+    /// Reads a connecting peer's handshake until `deadline`, in waits of at most a second
+    /// so that an abort is seen while a connection sends nothing. The outer error is the
+    /// abort; the inner one this connection's failure.
+    fn read_handshake(
+        &self,
+        stream: &mut TcpStream,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<std::io::Result<[u8; 24]>> {
+        let mut h = [0u8; 24];
+        let mut filled = 0;
+        if let Err(e) = stream.set_nonblocking(false) {
+            return Ok(Err(e));
+        }
+        while filled < h.len() {
+            self.check_forming_abort(what)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Err(ErrorKind::TimedOut.into()));
+            }
+            let wait = left.clamp(Duration::from_millis(10), Duration::from_secs(1));
+            if let Err(e) = stream.set_read_timeout(Some(wait)) {
+                return Ok(Err(e));
+            }
+            match stream.read(&mut h[filled..]) {
+                Ok(0) => return Ok(Err(ErrorKind::UnexpectedEof.into())),
+                Ok(n) => filled += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(h))
+    }
+
+    /// Fails with [`CollectiveError::Aborted`] once [`RingOptions::abort`] is set.
+    fn check_forming_abort(&self, what: &str) -> Result<()> {
+        match &self.options.abort {
+            Some(flag) if flag.is_set() => Err(CollectiveError::Aborted {
+                collective: what.into(),
+                rank: self.rank,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn setup(&self, s: &TcpStream) {

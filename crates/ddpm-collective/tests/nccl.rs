@@ -24,6 +24,7 @@ fn options(timeout_secs: u64) -> NcclOptions {
     NcclOptions {
         timeout: Duration::from_secs(timeout_secs),
         generation: 5,
+        abort: None,
     }
 }
 

@@ -1,8 +1,9 @@
 //! The TCP ring with real sockets on 127.0.0.1: one thread per rank.
 
 use ddpm_collective::tcp::{RingOptions, TcpRing};
-use ddpm_collective::{Collective, CollectiveError, ReduceOp};
+use ddpm_collective::{AbortFlag, AbortHandle, Collective, CollectiveError, ReduceOp};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Listeners on ephemeral ports, and their addresses.
@@ -19,6 +20,7 @@ fn options(chunk_elems: usize, timeout: Duration) -> RingOptions {
         timeout,
         chunk_elems,
         generation: 7,
+        abort: None,
     }
 }
 
@@ -169,6 +171,74 @@ fn a_silent_peer_times_out_naming_the_collective_and_the_peer() {
     );
     tx.send(()).unwrap();
     quiet.join().unwrap();
+}
+
+#[test]
+fn forming_stops_at_once_when_its_abort_flag_is_set() {
+    // Rank 1 never comes (it died after registering): rank 0 waits for its connection until
+    // the flag is set, not for the 60 s timeout.
+    let (mut ls, addrs) = listeners(2);
+    drop(ls.pop());
+    let l0 = ls.pop().unwrap();
+    let flag = Arc::new(AbortFlag::default());
+    let opts = RingOptions {
+        abort: Some(flag.clone()),
+        ..options(64, Duration::from_secs(60))
+    };
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.abort();
+        })
+    };
+    let t0 = Instant::now();
+    let err = TcpRing::connect(0, l0, &addrs, opts)
+        .err()
+        .expect("aborted");
+    let waited = t0.elapsed();
+    setter.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "took {waited:?}"
+    );
+    assert!(
+        matches!(err, CollectiveError::Aborted { rank: 0, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("forming the ring"), "{err}");
+
+    // A peer that connects but sends no handshake does not hold the abort back either.
+    let (mut ls, addrs) = listeners(2);
+    let l1 = ls.pop().unwrap();
+    let l0 = ls.pop().unwrap();
+    let flag = Arc::new(AbortFlag::default());
+    let opts = RingOptions {
+        abort: Some(flag.clone()),
+        ..options(64, Duration::from_secs(60))
+    };
+    // Rank 1's listener is up (so rank 0's connect succeeds), and a silent client sits in
+    // rank 0's accept queue.
+    let _silent = std::net::TcpStream::connect(addrs[0]).unwrap();
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.abort();
+        })
+    };
+    let t0 = Instant::now();
+    let err = TcpRing::connect(0, l0, &addrs, opts)
+        .err()
+        .expect("aborted");
+    setter.join().unwrap();
+    drop(l1);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(matches!(err, CollectiveError::Aborted { .. }), "{err}");
 }
 
 #[test]

@@ -38,7 +38,7 @@
 use crate::client::Joined;
 use crate::error::{ensure, Context, Result, WorkerError};
 use ddpm_collective::tcp::{RingOptions, TcpRing};
-use ddpm_collective::{AbortHandle, Collective, CollectiveError, ReduceOp};
+use ddpm_collective::{AbortFlag, AbortHandle, Collective, CollectiveError, ReduceOp};
 use ddpm_config::{CollectiveBackend, Config};
 use ddpm_proto::Rendezvous;
 use std::net::{TcpListener, ToSocketAddrs};
@@ -361,19 +361,23 @@ pub fn explain_refusal(e: WorkerError, missing: Option<WorkerError>) -> WorkerEr
 
 /// Forms this generation's collective from the coordinator's rendezvous: the TCP ring
 /// (accepting on `listener`), or the NCCL communicator on `device` (ring rank =
-/// NCCL rank). Either waits for every rank within `distributed.collective_timeout_secs`.
+/// NCCL rank). Either waits for every rank within `distributed.collective_timeout_secs`,
+/// or until `abort` is set (the coordinator moved on: a rank died before the ring formed).
 pub fn form(
     joined: &Joined,
     listener: TcpListener,
     cfg: &Config,
     device: Device,
+    abort: &Arc<AbortFlag>,
 ) -> Result<GroupComm> {
     let timeout = Duration::from_secs(cfg.distributed.collective_timeout_secs as u64);
     let backend = match &joined.rendezvous {
-        Rendezvous::Tcp { peers } => Backend::Tcp(form_ring(joined, peers, listener, timeout)?),
+        Rendezvous::Tcp { peers } => {
+            Backend::Tcp(form_ring(joined, peers, listener, timeout, abort)?)
+        }
         Rendezvous::Nccl { unique_id } => {
             drop(listener);
-            form_nccl(joined, unique_id, device, timeout)?
+            form_nccl(joined, unique_id, device, timeout, abort)?
         }
     };
     Ok(GroupComm {
@@ -387,6 +391,7 @@ fn form_ring(
     peers: &[String],
     listener: TcpListener,
     timeout: Duration,
+    abort: &Arc<AbortFlag>,
 ) -> Result<TcpRing> {
     let addrs = peers
         .iter()
@@ -407,6 +412,7 @@ fn form_ring(
     let options = RingOptions {
         timeout,
         generation: joined.generation,
+        abort: Some(abort.clone()),
         ..RingOptions::default()
     };
     Ok(TcpRing::connect(
@@ -423,6 +429,7 @@ fn form_nccl(
     _unique_id: &[u8],
     _device: Device,
     _timeout: Duration,
+    _abort: &Arc<AbortFlag>,
 ) -> Result<Backend> {
     Err(nccl_not_built())
 }
@@ -433,6 +440,7 @@ fn form_nccl(
     unique_id: &[u8],
     device: Device,
     timeout: Duration,
+    abort: &Arc<AbortFlag>,
 ) -> Result<Backend> {
     let ordinal = match device {
         Device::Cuda(k) => k,
@@ -447,6 +455,7 @@ fn form_nccl(
     let options = NcclOptions {
         timeout,
         generation: joined.generation,
+        abort: Some(abort.clone()),
     };
     Ok(Backend::Nccl(NcclComm::init(
         joined.ring_rank as usize,
@@ -509,6 +518,7 @@ mod tests {
             listener,
             &config("tcp"),
             Device::Cpu,
+            &Default::default(),
         )
         .unwrap();
         assert_eq!(
@@ -529,7 +539,13 @@ mod tests {
             peers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
         });
         j.world_size = 3;
-        let err = match form(&j, listener, &config("tcp"), Device::Cpu) {
+        let err = match form(
+            &j,
+            listener,
+            &config("tcp"),
+            Device::Cpu,
+            &Default::default(),
+        ) {
             Ok(_) => panic!("formed a ring of 3 from 2 addresses"),
             Err(e) => e.to_string(),
         };
@@ -584,7 +600,13 @@ mod tests {
         let rendezvous = Rendezvous::Nccl {
             unique_id: vec![1; 128],
         };
-        let err = match form(&joined(rendezvous), listener, &config("nccl"), Device::Cpu) {
+        let err = match form(
+            &joined(rendezvous),
+            listener,
+            &config("nccl"),
+            Device::Cpu,
+            &Default::default(),
+        ) {
             Ok(_) => panic!("formed an NCCL communicator without the feature"),
             Err(e) => e.to_string(),
         };
@@ -612,7 +634,13 @@ mod tests {
         let rendezvous = Rendezvous::Nccl {
             unique_id: vec![1; 128],
         };
-        let err = match form(&joined(rendezvous), listener, &config("nccl"), Device::Cpu) {
+        let err = match form(
+            &joined(rendezvous),
+            listener,
+            &config("nccl"),
+            Device::Cpu,
+            &Default::default(),
+        ) {
             Ok(_) => panic!("formed an NCCL communicator on the CPU"),
             Err(e) => e.to_string(),
         };
@@ -653,7 +681,13 @@ mod tests {
                 let rendezvous = Rendezvous::Nccl {
                     unique_id: vec![1; UNIQUE_ID_BYTES],
                 };
-                match form(&joined(rendezvous), listener, &config("nccl"), cuda) {
+                match form(
+                    &joined(rendezvous),
+                    listener,
+                    &config("nccl"),
+                    cuda,
+                    &Default::default(),
+                ) {
                     Ok(_) => panic!("formed an NCCL communicator without NCCL"),
                     Err(e) => {
                         assert!(!e.needs_reform(), "{e}");
@@ -676,6 +710,7 @@ mod tests {
             listener,
             &config("nccl"),
             Device::Cuda(0),
+            &Default::default(),
         ) {
             Ok(_) => panic!("formed an NCCL communicator from 5 bytes"),
             Err(e) => e.to_string(),

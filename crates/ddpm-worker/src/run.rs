@@ -11,7 +11,7 @@ use crate::comm::{self, RegistrationId};
 use crate::error::{chain, ensure, Context, Result, WorkerError};
 use crate::exchange::{broadcast_from_rank0, GradientExchange};
 use crate::train_loop::{self, LogLine, LoopObserver, LoopSetup, Ranks};
-use ddpm_collective::Collective;
+use ddpm_collective::{AbortFlag, Collective};
 use ddpm_config::Config;
 use ddpm_data::epoch::Cursor;
 use ddpm_data::samples::SampleSource;
@@ -375,7 +375,9 @@ fn generation(
     // communicator is aborted; NCCL reports that to the peers as a remote error where its
     // transport can see it, otherwise they learn it from the coordinator, which this
     // rank's re-registration moves to the next generation.)
-    let mut ring = comm::form(joined, listener, &cfg, o.device)?;
+    let forming = Arc::new(AbortFlag::default());
+    link.abort_on_stop(forming.clone());
+    let mut ring = comm::form(joined, listener, &cfg, o.device, &forming)?;
     link.abort_on_stop(ring.abort_handle());
     tracing::info!(backend = ring.backend_name(), "ring formed");
     // Every rank starts from rank 0's parameters and EMA, whatever it initialised or loaded.

@@ -50,6 +50,7 @@ fn nccl_world_of_one() -> NcclComm {
         NcclOptions {
             timeout: Duration::from_secs(60),
             generation: 1,
+            abort: None,
         },
     )
     .unwrap()
@@ -252,7 +253,7 @@ fn the_worker_forms_nccl_from_the_rendezvous_and_an_abort_asks_for_a_new_generat
         lease: Duration::from_secs(10),
     };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut group = comm::form(&joined, listener, &cfg, dev).unwrap();
+    let mut group = comm::form(&joined, listener, &cfg, dev, &Default::default()).unwrap();
     assert_eq!(
         (group.backend_name(), group.rank(), group.world_size()),
         ("nccl", 0, 1)
@@ -275,7 +276,7 @@ fn the_worker_forms_nccl_from_the_rendezvous_and_an_abort_asks_for_a_new_generat
         ..joined
     };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut group = comm::form(&joined, listener, &cfg, dev).unwrap();
+    let mut group = comm::form(&joined, listener, &cfg, dev, &Default::default()).unwrap();
     let a = exchange.average(&mut group, &g, 1.5, 8, 3).unwrap();
     assert_eq!(a.examples, 8);
     group.finish("the end of the test").unwrap();
