@@ -22,7 +22,9 @@
 #   LD_LIBRARY_PATH    torch's lib directory is put first (libtorch_cpu, libc10 and
 #                      libtorch_cuda for the worker's tests; the executables' own rpath names
 #                      the build host's libtorch).
-#   GPU_CHECKS_TIMEOUT seconds per executable (default 600).
+#   GPU_CHECKS_TIMEOUT seconds per executable (default 120).
+#   NCCL_DEBUG         default WARN. If NCCL itself does not start (a sandboxed host), rerun
+#                      with NCCL_DEBUG=INFO, and try NCCL_CUMEM_ENABLE=0 NCCL_RAS_ENABLE=0.
 #   OUT                if set, logs go to $OUT/gpu-checks/: one <name>.log per executable,
 #                      env.txt (GPU, libraries) and summary.txt (PASS/FAIL per executable).
 # The exit status is 0 when every executable passed.
@@ -39,7 +41,7 @@ if [[ ${1:-} == --build ]]; then
         cargo test -p "$package" --features nccl-gpu-tests --no-run --message-format=json \
             >"$dir/.cargo-$package.json" || exit 1
         python3 - "$dir" "$package" "$want_lib" "$want_test" <<'EOF' || exit 1
-import json, shutil, sys
+import json, shutil, subprocess, sys
 dir, package, *wanted = sys.argv[1:]
 names = {"lib:ddpm_collective": "ddpm_collective-lib", "test:nccl": "ddpm_collective-nccl",
          "lib:ddpm_worker": "ddpm_worker-lib", "test:nccl_gpu": "ddpm_worker-nccl_gpu"}
@@ -56,6 +58,9 @@ for key in wanted:
     if key not in found:
         sys.exit(f"cargo built no executable for {package} {key}")
     shutil.copy2(found[key], f"{dir}/{names[key]}")
+    # Debug sections are not needed there and would count against what can be carried.
+    if shutil.which("objcopy"):
+        subprocess.run(["objcopy", "--strip-debug", f"{dir}/{names[key]}"], check=True)
     print(f"{dir}/{names[key]}  <-  {found[key]}")
 EOF
         rm -f "$dir/.cargo-$package.json"
@@ -87,7 +92,8 @@ if [[ -z ${DDPM_NCCL_LIBRARY:-} ]]; then
     fi
 fi
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-timeout_s=${GPU_CHECKS_TIMEOUT:-600}
+# Well below a 600 s remote command limit, so that one hang leaves time (and logs) for the rest.
+timeout_s=${GPU_CHECKS_TIMEOUT:-120}
 
 # The newest executable in $1 matching $2 whose test list contains $3 (built with the GPU
 # features: the same names are also built without them).

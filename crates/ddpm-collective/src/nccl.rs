@@ -198,7 +198,8 @@ fn result_name(code: c_int) -> &'static str {
         5 => "ncclInvalidUsage",
         6 => "ncclRemoteError",
         7 => "ncclInProgress",
-        8 => "ncclTimeout",
+        // 8 is ncclNumResults (a count, never returned) before NCCL 2.30, ncclTimeout from it.
+        8 => "ncclTimeout (NCCL 2.30 and later)",
         _ => "an unknown ncclResult_t",
     }
 }
