@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{ddpm, fails, ok, path, write_idx};
+use common::{ddpm, fails, ok, path, sibling, start_coordinator, write_idx};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -194,101 +194,116 @@ fn a_failing_worker_stops_the_launch_and_is_named() {
     );
 }
 
-/// A binary built next to `ddpm` (cargo builds every binary of the workspace before tests).
-fn sibling(name: &str) -> std::path::PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_ddpm")).with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} is not built (cargo test --workspace builds it)",
-        p.display()
-    );
-    p
+/// A coordinator of a 2-slot run named `name` on freshly written images, its config edited by
+/// `edits` (pairs of text to replace), logging into `coordinator.log` in the run's folder.
+struct TwoSlotRun {
+    dir: tempfile::TempDir,
+    url: String,
+    coordinator: std::process::Child,
+}
+
+impl TwoSlotRun {
+    fn start(name: &str, edits: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let idx = root.join("images.idx.gz");
+        write_idx(&idx);
+        let cfg = config(root, name, &format!("idx:{}", path(&idx)));
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        for (from, to) in edits {
+            assert!(text.contains(from), "the config has no {from:?}");
+            text = text.replace(from, to);
+        }
+        std::fs::write(&cfg, text).unwrap();
+        let log = std::fs::File::create(root.join("coordinator.log")).unwrap();
+        let (coordinator, addr) =
+            start_coordinator(&["--config", &cfg, "--world-size", "2"], log.into());
+        Self {
+            dir,
+            url: format!("http://{addr}"),
+            coordinator,
+        }
+    }
+
+    /// Starts `worker --rank rank` with `args`, its stderr into `log` (a pipe nobody reads
+    /// would fill and stall it).
+    fn worker(&self, rank: &str, log: &str, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(sibling("worker"))
+            .args(["--coordinator", &self.url, "--rank", rank, "--threads", "1"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The text of `name` in the run's folder so far.
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// Waits up to `secs` until `name` contains `needle`; returns its text.
+    fn wait_for(&self, name: &str, needle: &str, secs: u64, what: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let text = self.read(name);
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {text}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the coordinator and `workers`.
+    fn stop(self, workers: Vec<std::process::Child>) {
+        for mut p in workers.into_iter().chain([self.coordinator]) {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
 }
 
 #[test]
 fn a_taken_rank_is_refused_and_a_hung_peer_times_out_and_the_ring_re_forms_when_it_wakes() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let idx = root.join("images.idx.gz");
-    write_idx(&idx);
-    let cfg = config(root, "hang", &format!("idx:{}", path(&idx)));
     // Long enough to be mid-run when a worker is stopped; a short collective timeout, and a
     // lease longer than it so the timeout (not the coordinator) ends the generation.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("total_steps = 5", "total_steps = 100000")
-        .replace(
-            "collective_timeout_secs = 120",
-            "collective_timeout_secs = 4",
-        )
-        .replace("lease_secs = 20", "lease_secs = 60");
-    std::fs::write(&cfg, text).unwrap();
-    let mut coordinator = Command::new(sibling("coordinator"))
-        .args([
-            "--config",
-            &cfg,
-            "--listen",
-            "127.0.0.1:0",
-            "--world-size",
-            "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(root.join("coordinator.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(coordinator.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = format!(
-        "http://{}",
-        first
-            .trim()
-            .strip_prefix("coordinator listening on ")
-            .unwrap()
+    let run = TwoSlotRun::start(
+        "hang",
+        &[
+            ("total_steps = 5", "total_steps = 100000"),
+            (
+                "collective_timeout_secs = 120",
+                "collective_timeout_secs = 4",
+            ),
+            ("lease_secs = 20", "lease_secs = 60"),
+        ],
     );
-    // Each worker's stderr goes to a file: a pipe nobody reads would fill and stall it.
-    let worker = |rank: &str, log: &str| {
-        Command::new(sibling("worker"))
-            .args(["--coordinator", &url, "--rank", rank, "--threads", "1"])
-            .args(["--wait-for-rank-secs", "0"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(root.join(log)).unwrap())
-            .spawn()
-            .unwrap()
-    };
-    let mut w0 = worker("0", "w0.log");
-    let w1 = worker("1", "w1.log");
+    let no_wait = ["--wait-for-rank-secs", "0"];
+    let mut w0 = run.worker("0", "w0.log", &no_wait);
+    let w1 = run.worker("1", "w1.log", &no_wait);
     // Wait for training to run (rank 0 logs every step).
-    let log = root.join("hang/train_log.jsonl");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 2 {
+    while run.read("hang/train_log.jsonl").lines().count() < 2 {
         assert!(Instant::now() < deadline, "training did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     // A third worker asking for a held rank is refused, naming the holder.
-    let dup = worker("0", "dup.log").wait().unwrap();
-    let err = std::fs::read_to_string(root.join("dup.log")).unwrap();
+    let dup = run.worker("0", "dup.log", &no_wait).wait().unwrap();
+    let err = run.read("dup.log");
     assert!(!dup.success(), "{err}");
     assert!(err.contains("rank 0 is taken by"), "{err}");
     // Stop rank 1: rank 0 blocks in the next all-reduce and must time out on its own, then
     // register again, moving the run to generation 2, which waits for rank 1.
     unsafe { libc::kill(w1.id() as i32, libc::SIGSTOP) };
     let stopped = Instant::now();
-    let read = |name: &str| std::fs::read_to_string(root.join(name)).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !read("w0.log").contains("registering again for the next one") {
-        assert!(
-            Instant::now() < deadline,
-            "rank 0 did not give generation 1 up: {}",
-            read("w0.log")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let err = read("w0.log");
+    let err = run.wait_for(
+        "w0.log",
+        "registering again for the next one",
+        60,
+        "rank 0 did not give generation 1 up",
+    );
     assert!(
         err.contains("all_reduce")
             && err.contains("at step")
@@ -308,63 +323,28 @@ fn a_taken_rank_is_refused_and_a_hung_peer_times_out_and_the_ring_re_forms_when_
     // Rank 1 wakes up: its heartbeat of generation 1 is refused, it registers again, and
     // generation 2 forms with both, from the newest committed checkpoint.
     unsafe { libc::kill(w1.id() as i32, libc::SIGCONT) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !read("coordinator.log").contains("the ring of generation 2 is formed with 2 worker(s)")
-        || !read("w0.log").contains("generation=2}: ddpm_worker::run: ring formed")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "generation 2 did not form: {}",
-            read("coordinator.log")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for mut p in [w0, w1, coordinator] {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    run.wait_for(
+        "coordinator.log",
+        "the ring of generation 2 is formed with 2 worker(s)",
+        60,
+        "generation 2 did not form",
+    );
+    run.wait_for(
+        "w0.log",
+        "generation=2}: ddpm_worker::run: ring formed",
+        60,
+        "rank 0 did not join generation 2",
+    );
+    run.stop(vec![w0, w1]);
 }
 
 #[test]
 fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collective_timeout() {
     use ddpm_proto::v1::{self, coordinator_client::CoordinatorClient};
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let idx = root.join("images.idx.gz");
-    write_idx(&idx);
-    let cfg = config(root, "forming", &format!("idx:{}", path(&idx)));
     // The collective timeout stays 120 s; the lost member's lease is 5 s.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("lease_secs = 20", "lease_secs = 5");
-    std::fs::write(&cfg, text).unwrap();
-    let mut coordinator = Command::new(sibling("coordinator"))
-        .args(["--config", &cfg, "--listen", "127.0.0.1:0"])
-        .args(["--world-size", "2"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(root.join("coordinator.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(coordinator.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = format!(
-        "http://{}",
-        first
-            .trim()
-            .strip_prefix("coordinator listening on ")
-            .unwrap()
-    );
-    let mut w0 = Command::new(sibling("worker"))
-        .args(["--coordinator", &url, "--rank", "0", "--threads", "1"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(root.join("w0.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let run = TwoSlotRun::start("forming", &[("lease_secs = 20", "lease_secs = 5")]);
+    let mut w0 = run.worker("0", "w0.log", &[]);
     // Rank 1 registers once rank 0 waits, and dies once rank 0 is forming the ring (has
     // connected to it): it never connects to rank 0, nor heartbeats again.
     let dead_ring = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -373,8 +353,8 @@ fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collectiv
         .enable_all()
         .build()
         .unwrap();
-    let lost = rt.block_on(async {
-        let mut c = CoordinatorClient::connect(url.clone()).await.unwrap();
+    let (_from_rank0, died) = rt.block_on(async {
+        let mut c = CoordinatorClient::connect(run.url.clone()).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let st = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
@@ -421,18 +401,12 @@ fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collectiv
     });
     // Its lease lapses, the coordinator moves on, rank 0's heartbeat is refused, and rank 0
     // stops forming the ring at once and registers again.
-    let (_from_rank0, died) = lost;
-    let read = |name: &str| std::fs::read_to_string(root.join(name)).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !read("w0.log").contains("registering again for the next one") {
-        assert!(
-            Instant::now() < deadline,
-            "rank 0 did not give generation 1 up: {}",
-            read("w0.log")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let log = read("w0.log");
+    let log = run.wait_for(
+        "w0.log",
+        "registering again for the next one",
+        60,
+        "rank 0 did not give generation 1 up",
+    );
     assert!(
         log.contains("forming the ring on rank 0: aborted"),
         "rank 0 was still forming the ring: {log}"
@@ -446,10 +420,7 @@ fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collectiv
         w0.try_wait().unwrap().is_none(),
         "rank 0 waits for generation 2"
     );
-    for mut p in [w0, coordinator] {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    run.stop(vec![w0]);
 }
 
 #[test]

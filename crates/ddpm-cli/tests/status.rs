@@ -9,20 +9,9 @@ use ddpm_auth::{ClientSecurity, ClientTls, Token};
 use ddpm_proto::v1::coordinator_client::CoordinatorClient;
 use ddpm_proto::v1::{self, RegisterRequest};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const TOKEN: &str = "status-test-token-0a1b2c3d4e5f";
-
-fn coordinator_exe() -> PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_ddpm")).with_file_name("coordinator");
-    assert!(
-        exe.is_file(),
-        "{} is not built: run the tests with cargo test --workspace",
-        exe.display()
-    );
-    exe
-}
 
 fn join(id: &str) -> RegisterRequest {
     RegisterRequest {
@@ -72,23 +61,8 @@ fn status_shows_the_run_its_workers_the_checkpoint_and_the_newest_fid() {
         ),
     )
     .unwrap();
-    let mut coordinator = Command::new(coordinator_exe())
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(coordinator.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .unwrap_or_else(|| panic!("first line {first:?}"))
-        .to_string();
+    let (mut coordinator, addr) =
+        common::start_coordinator(&["--config", &common::path(&cfg)], Stdio::null());
     let url = format!("https://{addr}");
 
     let security = ClientSecurity {

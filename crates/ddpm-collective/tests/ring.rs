@@ -173,6 +173,20 @@ fn a_silent_peer_times_out_naming_the_collective_and_the_peer() {
     quiet.join().unwrap();
 }
 
+/// Options with a 60 s timeout and an abort flag that a thread sets after `after`.
+fn aborted_after(after: Duration) -> (RingOptions, std::thread::JoinHandle<()>) {
+    let flag = Arc::new(AbortFlag::default());
+    let opts = RingOptions {
+        abort: Some(flag.clone()),
+        ..options(64, Duration::from_secs(60))
+    };
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(after);
+        flag.abort();
+    });
+    (opts, setter)
+}
+
 #[test]
 fn forming_stops_at_once_when_its_abort_flag_is_set() {
     // Rank 1 never comes (it died after registering): rank 0 waits for its connection until
@@ -180,18 +194,7 @@ fn forming_stops_at_once_when_its_abort_flag_is_set() {
     let (mut ls, addrs) = listeners(2);
     drop(ls.pop());
     let l0 = ls.pop().unwrap();
-    let flag = Arc::new(AbortFlag::default());
-    let opts = RingOptions {
-        abort: Some(flag.clone()),
-        ..options(64, Duration::from_secs(60))
-    };
-    let setter = {
-        let flag = flag.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            flag.abort();
-        })
-    };
+    let (opts, setter) = aborted_after(Duration::from_millis(300));
     let t0 = Instant::now();
     let err = TcpRing::connect(0, l0, &addrs, opts)
         .err()
@@ -212,21 +215,10 @@ fn forming_stops_at_once_when_its_abort_flag_is_set() {
     let (mut ls, addrs) = listeners(2);
     let l1 = ls.pop().unwrap();
     let l0 = ls.pop().unwrap();
-    let flag = Arc::new(AbortFlag::default());
-    let opts = RingOptions {
-        abort: Some(flag.clone()),
-        ..options(64, Duration::from_secs(60))
-    };
     // Rank 1's listener is up (so rank 0's connect succeeds), and a silent client sits in
     // rank 0's accept queue.
     let _silent = std::net::TcpStream::connect(addrs[0]).unwrap();
-    let setter = {
-        let flag = flag.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            flag.abort();
-        })
-    };
+    let (opts, setter) = aborted_after(Duration::from_millis(300));
     let t0 = Instant::now();
     let err = TcpRing::connect(0, l0, &addrs, opts)
         .err()

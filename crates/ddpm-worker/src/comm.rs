@@ -470,6 +470,24 @@ fn form_nccl(
 mod tests {
     use super::*;
 
+    /// The error of forming an NCCL communicator (a well-formed rendezvous) on the CPU.
+    fn nccl_form_on_cpu_error() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let rendezvous = Rendezvous::Nccl {
+            unique_id: vec![1; 128],
+        };
+        match form(
+            &joined(rendezvous),
+            listener,
+            &config("nccl"),
+            Device::Cpu,
+            &Default::default(),
+        ) {
+            Ok(_) => panic!("formed an NCCL communicator on the CPU"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     fn config(backend: &str) -> Config {
         Config::parse(
             &format!("[distributed]\nbackend = \"{backend}\"\n"),
@@ -596,20 +614,7 @@ mod tests {
             let e = explain_refusal(id_refusal(), r.missing);
             assert!(e.to_string().contains(command), "{e}");
         }
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let rendezvous = Rendezvous::Nccl {
-            unique_id: vec![1; 128],
-        };
-        let err = match form(
-            &joined(rendezvous),
-            listener,
-            &config("nccl"),
-            Device::Cpu,
-            &Default::default(),
-        ) {
-            Ok(_) => panic!("formed an NCCL communicator without the feature"),
-            Err(e) => e.to_string(),
-        };
+        let err = nccl_form_on_cpu_error();
         assert!(err.contains(command), "{err}");
     }
 
@@ -630,20 +635,7 @@ mod tests {
         assert!(r.id.is_empty(), "{r:?}");
         let e = explain_refusal(id_refusal(), r.missing);
         assert!(e.to_string().contains("--device cuda:K"), "{e}");
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let rendezvous = Rendezvous::Nccl {
-            unique_id: vec![1; 128],
-        };
-        let err = match form(
-            &joined(rendezvous),
-            listener,
-            &config("nccl"),
-            Device::Cpu,
-            &Default::default(),
-        ) {
-            Ok(_) => panic!("formed an NCCL communicator on the CPU"),
-            Err(e) => e.to_string(),
-        };
+        let err = nccl_form_on_cpu_error();
         assert!(err.contains("--device cuda:K"), "{err}");
     }
 

@@ -2,8 +2,8 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 
 pub fn ddpm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ddpm"))
@@ -81,4 +81,38 @@ pub fn write_idx_images(
 /// A path as a string.
 pub fn path(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// A binary built next to `ddpm` (cargo builds every binary of the workspace before tests).
+pub fn sibling(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_ddpm")).with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is not built (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+/// Starts the `coordinator` binary with `args` (plus `--listen 127.0.0.1:0`), its stderr into
+/// `stderr`; returns it and the address it listens on (its first line on stdout).
+pub fn start_coordinator(args: &[&str], stderr: Stdio) -> (Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut coordinator = Command::new(sibling("coordinator"))
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("coordinator starts");
+    let mut first = String::new();
+    BufReader::new(coordinator.stdout.take().expect("stdout piped"))
+        .read_line(&mut first)
+        .expect("coordinator prints its address");
+    let addr = first
+        .trim()
+        .strip_prefix("coordinator listening on ")
+        .unwrap_or_else(|| panic!("coordinator's first line {first:?}"))
+        .to_string();
+    (coordinator, addr)
 }
