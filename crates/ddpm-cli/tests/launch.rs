@@ -424,6 +424,54 @@ fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collectiv
 }
 
 #[test]
+fn workers_stop_with_a_named_error_when_the_coordinator_stays_unreachable() {
+    use std::time::{Duration, Instant};
+    let mut run = TwoSlotRun::start("gone", &[("total_steps = 5", "total_steps = 100000")]);
+    let patience = ["--connect-timeout-secs", "3"];
+    let mut workers = vec![
+        run.worker("0", "w0.log", &patience),
+        run.worker("1", "w1.log", &patience),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while run.read("gone/train_log.jsonl").lines().count() < 2 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The coordinator dies for good: the workers train on while they retry, then stop,
+    // saying why, once --connect-timeout-secs has passed without an answer.
+    run.coordinator.kill().unwrap();
+    let killed = Instant::now();
+    for (rank, w) in workers.iter_mut().enumerate() {
+        let status = loop {
+            if let Some(s) = w.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(60),
+                "worker {rank} still runs a minute after the coordinator died: {}",
+                run.read(&format!("w{rank}.log"))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let log = run.read(&format!("w{rank}.log"));
+        assert!(!status.success(), "worker {rank} must fail: {log}");
+        // Whichever comes first: its heartbeats, or its registration for the next
+        // generation (a peer that stopped first broke the ring).
+        assert!(
+            log.contains("no heartbeat reached the coordinator")
+                || log.contains(&format!("the coordinator at {} was unreachable", run.url)),
+            "worker {rank}'s error names the coordinator: {log}"
+        );
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "a 3 s patience, the workers took {:?}",
+        killed.elapsed()
+    );
+    run.stop(workers);
+}
+
+#[test]
 fn a_dataset_unreadable_throughout_stops_a_distributed_run_instead_of_spinning() {
     // Each rank counts only its own skipped samples; the ranks together must notice that
     // no sample of an epoch decodes, even when data.max_bad_fraction allows all of them.
