@@ -255,6 +255,48 @@ impl TwoSlotRun {
         }
     }
 
+    /// Registers a member that is no worker ("lost", slot 1, ring address `ring`) once
+    /// rank 0 has registered; returns its client and the coordinator's answer.
+    async fn register_lost_member(
+        &self,
+        ring: std::net::SocketAddr,
+    ) -> (
+        ddpm_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+        ddpm_proto::v1::RegisterResponse,
+    ) {
+        use ddpm_proto::v1::{self, coordinator_client::CoordinatorClient};
+        let mut c = CoordinatorClient::connect(self.url.clone()).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let st = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
+            if st.members.len() == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rank 0 did not register"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let r = c
+            .register(v1::RegisterRequest {
+                protocol_version: ddpm_proto::PROTOCOL_VERSION,
+                role: v1::Role::Worker.into(),
+                requested_rank: Some(1),
+                host: "lost-host".into(),
+                device: "cpu".into(),
+                member_id: "lost".into(),
+                ring_address: ring.to_string(),
+                nccl_unique_id: Vec::new(),
+                failed_generation: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.rendezvous.is_some(), "the ring of 2 is complete: {r:?}");
+        (c, r)
+    }
+
     /// Kills the coordinator and `workers`.
     fn stop(self, workers: Vec<std::process::Child>) {
         for mut p in workers.into_iter().chain([self.coordinator]) {
@@ -340,7 +382,7 @@ fn a_taken_rank_is_refused_and_a_hung_peer_times_out_and_the_ring_re_forms_when_
 
 #[test]
 fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collective_timeout() {
-    use ddpm_proto::v1::{self, coordinator_client::CoordinatorClient};
+    use ddpm_proto::v1;
     use std::time::{Duration, Instant};
     // The collective timeout stays 120 s; the lost member's lease is 5 s.
     let run = TwoSlotRun::start("forming", &[("lease_secs = 20", "lease_secs = 5")]);
@@ -354,32 +396,9 @@ fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collectiv
         .build()
         .unwrap();
     let (_from_rank0, died) = rt.block_on(async {
-        let mut c = CoordinatorClient::connect(run.url.clone()).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let st = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
-            if st.members.len() == 1 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "rank 0 did not register");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let r = c
-            .register(v1::RegisterRequest {
-                protocol_version: ddpm_proto::PROTOCOL_VERSION,
-                role: v1::Role::Worker.into(),
-                requested_rank: Some(1),
-                host: "lost-host".into(),
-                device: "cpu".into(),
-                member_id: "lost".into(),
-                ring_address: dead_ring.local_addr().unwrap().to_string(),
-                nccl_unique_id: Vec::new(),
-                failed_generation: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.rendezvous.is_some(), "the ring of 2 is complete: {r:?}");
+        let (mut c, r) = run
+            .register_lost_member(dead_ring.local_addr().unwrap())
+            .await;
         let deadline = Instant::now() + Duration::from_secs(120);
         let from_rank0 = loop {
             match dead_ring.accept() {
@@ -415,6 +434,69 @@ fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collectiv
         died.elapsed() < Duration::from_secs(30),
         "a 5 s lease against a 120 s collective timeout, it took {:?}",
         died.elapsed()
+    );
+    assert!(
+        w0.try_wait().unwrap().is_none(),
+        "rank 0 waits for generation 2"
+    );
+    run.stop(vec![w0]);
+}
+
+#[test]
+fn a_ring_member_whose_address_refuses_is_given_up_before_its_lease_runs_out() {
+    use ddpm_proto::v1;
+    use std::time::{Duration, Instant};
+    // The lease stays 20 s and the collective timeout 120 s.
+    let run = TwoSlotRun::start("refused", &[]);
+    let mut w0 = run.worker("0", "w0.log", &[]);
+    // Rank 1 announces a ring address where nothing listens (its process died after it
+    // registered), while its heartbeats go on.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let log = rt.block_on(async {
+        let (mut c, r) = run.register_lost_member(gone).await;
+        let registered = Instant::now();
+        loop {
+            let log = run.read("w0.log");
+            if log.contains("registering again for the next one") {
+                assert!(
+                    registered.elapsed() < Duration::from_secs(15),
+                    "a 2 s patience against a 20 s lease, it took {:?}",
+                    registered.elapsed()
+                );
+                break log;
+            }
+            assert!(
+                registered.elapsed() < Duration::from_secs(60),
+                "rank 0 did not give generation 1 up: {log}"
+            );
+            // Refused once rank 0's report moved the run on.
+            let _ = c
+                .heartbeat(v1::HeartbeatRequest {
+                    rank: r.rank,
+                    generation: r.generation,
+                    member_id: "lost".into(),
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert!(
+        log.contains("forming the ring on rank 0: connection to rank 1")
+            && log.contains("nothing listens at the address rank 1 announced"),
+        "the error names the peer and why: {log}"
+    );
+    run.wait_for(
+        "coordinator.log",
+        "the worker's collective failed; it registers again",
+        30,
+        "rank 0's report did not reach the coordinator",
     );
     assert!(
         w0.try_wait().unwrap().is_none(),

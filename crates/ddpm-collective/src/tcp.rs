@@ -32,6 +32,12 @@ pub struct RingOptions {
     /// Checked while the ring forms: once set, [`TcpRing::connect`] stops waiting for its
     /// peers and fails with [`CollectiveError::Aborted`].
     pub abort: Option<Arc<AbortFlag>>,
+    /// How long the next rank's address may refuse connections before forming fails with
+    /// [`CollectiveError::Peer`]. `None`: retry until `timeout` (the peer may still be
+    /// starting). A caller whose peers listen before they announce their address (the
+    /// worker binds its ring socket before it registers) knows that a refusal means the
+    /// peer is gone, and can give up after a short grace instead of the timeout.
+    pub refused_patience: Option<Duration>,
 }
 
 impl Default for RingOptions {
@@ -41,6 +47,7 @@ impl Default for RingOptions {
             chunk_elems: 1 << 18, // 1 MiB of f32
             generation: 0,
             abort: None,
+            refused_patience: None,
         }
     }
 }
@@ -142,17 +149,42 @@ impl TcpRing {
         // Connect first: the peer's kernel completes the connection into its listen queue
         // even before it calls accept, so no ordering between ranks is needed.
         let next_rank = (rank + 1) % world;
+        let mut refused_since: Option<Instant> = None;
         let mut next = loop {
             ring.check_forming_abort(what)?;
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = left.clamp(Duration::from_millis(10), Duration::from_secs(1));
             match TcpStream::connect_timeout(&peers[next_rank], attempt) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
+                Err(e) => {
+                    let now = Instant::now();
+                    let refused = e.kind() == ErrorKind::ConnectionRefused;
+                    let refused_for = if refused {
+                        now - *refused_since.get_or_insert(now)
+                    } else {
+                        refused_since = None;
+                        Duration::ZERO
+                    };
+                    if refused
+                        && ring
+                            .options
+                            .refused_patience
+                            .is_some_and(|p| refused_for >= p)
+                    {
+                        let why = std::io::Error::new(
+                            ErrorKind::ConnectionRefused,
+                            format!(
+                                "refused for {refused_for:.1?}: nothing listens at the address rank {next_rank} announced, so its process is gone ({e})"
+                            ),
+                        );
+                        return Err(ring.io_error(what, next_rank, why));
+                    }
+                    if now >= deadline {
+                        return Err(ring.timeout(what, next_rank, ring.options.timeout));
+                    }
                     tracing::debug!(peer = next_rank, error = %e, "ring: next rank not up yet");
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(_) => return Err(ring.timeout(what, next_rank, ring.options.timeout)),
             }
         };
         ring.setup(&next);

@@ -20,7 +20,7 @@ fn options(chunk_elems: usize, timeout: Duration) -> RingOptions {
         timeout,
         chunk_elems,
         generation: 7,
-        abort: None,
+        ..RingOptions::default()
     }
 }
 
@@ -231,6 +231,55 @@ fn forming_stops_at_once_when_its_abort_flag_is_set() {
         t0.elapsed()
     );
     assert!(matches!(err, CollectiveError::Aborted { .. }), "{err}");
+}
+
+#[test]
+fn a_next_rank_that_refuses_fails_forming_after_the_refused_patience_only_if_one_is_set() {
+    // Nothing listens at rank 1's address.
+    let (mut ls, addrs) = listeners(2);
+    drop(ls.pop());
+    let l0 = ls.pop().unwrap();
+    let opts = RingOptions {
+        refused_patience: Some(Duration::from_millis(300)),
+        ..options(64, Duration::from_secs(60))
+    };
+    let t0 = Instant::now();
+    let err = TcpRing::connect(0, l0, &addrs, opts)
+        .err()
+        .expect("refused");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300) && t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(err, CollectiveError::Peer { peer: 1, .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("forming the ring")
+            && msg.contains(&addrs[1].to_string())
+            && msg.contains("nothing listens at the address rank 1 announced"),
+        "{msg}"
+    );
+    // Without a patience, refusals are retried until the timeout (the peer may be starting).
+    let (mut ls, addrs) = listeners(2);
+    drop(ls.pop());
+    let l0 = ls.pop().unwrap();
+    let t0 = Instant::now();
+    let err = TcpRing::connect(0, l0, &addrs, options(64, Duration::from_millis(800)))
+        .err()
+        .expect("timed out");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(err, CollectiveError::Timeout { peer: 1, .. }),
+        "{err}"
+    );
 }
 
 #[test]

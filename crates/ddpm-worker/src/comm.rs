@@ -386,6 +386,12 @@ pub fn form(
     })
 }
 
+/// How long a ring member's address may refuse connections before forming fails. Every
+/// worker binds its ring socket before it registers and holds it until its ring is formed,
+/// so a refusal means that member's process is gone (or it left this generation): the ring
+/// re-forms now instead of after the member's lease or the collective timeout.
+const REFUSED_PATIENCE: Duration = Duration::from_secs(2);
+
 fn form_ring(
     joined: &Joined,
     peers: &[String],
@@ -413,6 +419,7 @@ fn form_ring(
         timeout,
         generation: joined.generation,
         abort: Some(abort.clone()),
+        refused_patience: Some(REFUSED_PATIENCE),
         ..RingOptions::default()
     };
     Ok(TcpRing::connect(
