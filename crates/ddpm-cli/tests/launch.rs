@@ -506,6 +506,70 @@ fn a_ring_member_whose_address_refuses_is_given_up_before_its_lease_runs_out() {
 }
 
 #[test]
+fn a_worker_gives_up_after_20_generations_in_a_row_fail_before_their_first_step() {
+    use ddpm_proto::v1;
+    use std::time::{Duration, Instant};
+    let run = TwoSlotRun::start("fruitless", &[]);
+    let mut w0 = run.worker("0", "w0.log", &[]);
+    // Rank 1 registers into every generation with a ring address where nothing listens,
+    // so every generation fails while forming.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let status = rt.block_on(async {
+        let (mut c, mut r) = run.register_lost_member(gone).await;
+        loop {
+            if let Some(status) = w0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(240),
+                "rank 0 did not give up: {}",
+                run.read("w0.log")
+            );
+            let beat = c
+                .heartbeat(v1::HeartbeatRequest {
+                    rank: r.rank,
+                    generation: r.generation,
+                    member_id: "lost".into(),
+                })
+                .await;
+            if beat.is_err() || r.rendezvous.is_none() {
+                // A new generation (or this one still gathering): register into it.
+                let join = v1::RegisterRequest {
+                    protocol_version: ddpm_proto::PROTOCOL_VERSION,
+                    role: v1::Role::Worker.into(),
+                    requested_rank: Some(1),
+                    host: "lost-host".into(),
+                    device: "cpu".into(),
+                    member_id: "lost".into(),
+                    ring_address: gone.to_string(),
+                    ..Default::default()
+                };
+                if let Ok(answer) = c.register(join).await {
+                    r = answer.into_inner();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let log = run.read("w0.log");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("20 generations in a row failed before a single step")
+            && log.contains("nothing listens at the address rank 1 announced"),
+        "the error says why it gave up and the last failure: {log}"
+    );
+    run.stop(vec![]);
+}
+
+#[test]
 fn workers_stop_with_a_named_error_when_the_coordinator_stays_unreachable() {
     use std::time::{Duration, Instant};
     let mut run = TwoSlotRun::start("gone", &[("total_steps = 5", "total_steps = 100000")]);
