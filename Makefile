@@ -7,8 +7,6 @@ TORCH_VERSION := 2.11.0
 LIBTORCH_STAMP := .libtorch/.installed-$(TORCH_VERSION)
 FMNIST := .data/fashion-mnist/train-images-idx3-ubyte.gz
 CARGO ?= cargo
-# A clean build gains nothing from incremental state, which is several GB in target/.
-export CARGO_INCREMENTAL ?= 0
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 SKIMAGE_VERSION := 0.26.0
