@@ -196,10 +196,13 @@ fn a_failing_worker_stops_the_launch_and_is_named() {
 
 /// A coordinator of a 2-slot run named `name` on freshly written images, its config edited by
 /// `edits` (pairs of text to replace), logging into `coordinator.log` in the run's folder.
+/// Its coordinator and every worker it started are killed when it is dropped, so a failed
+/// assertion leaves no process training on.
 struct TwoSlotRun {
     dir: tempfile::TempDir,
     url: String,
     coordinator: std::process::Child,
+    workers: std::cell::RefCell<Vec<u32>>,
 }
 
 impl TwoSlotRun {
@@ -222,19 +225,22 @@ impl TwoSlotRun {
             dir,
             url: format!("http://{addr}"),
             coordinator,
+            workers: Default::default(),
         }
     }
 
     /// Starts `worker --rank rank` with `args`, its stderr into `log` (a pipe nobody reads
     /// would fill and stall it).
     fn worker(&self, rank: &str, log: &str, args: &[&str]) -> std::process::Child {
-        std::process::Command::new(sibling("worker"))
+        let child = std::process::Command::new(sibling("worker"))
             .args(["--coordinator", &self.url, "--rank", rank, "--threads", "1"])
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(self.dir.path().join(log)).unwrap())
             .spawn()
-            .unwrap()
+            .unwrap();
+        self.workers.borrow_mut().push(child.id());
+        child
     }
 
     /// The text of `name` in the run's folder so far.
@@ -299,9 +305,43 @@ impl TwoSlotRun {
 
     /// Kills the coordinator and `workers`.
     fn stop(self, workers: Vec<std::process::Child>) {
-        for mut p in workers.into_iter().chain([self.coordinator]) {
+        for mut p in workers {
             let _ = p.kill();
             let _ = p.wait();
+        }
+    }
+}
+
+impl Drop for TwoSlotRun {
+    fn drop(&mut self) {
+        for &pid in self.workers.borrow().iter() {
+            // SAFETY: kill(2) on a child's pid; a child already reaped is at worst gone.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+    }
+}
+
+/// An address on 127.0.0.1 that refuses connections and that no other socket can take
+/// while this lives: the local port of an open outgoing connection (bound, not listening).
+struct RefusingAddress {
+    addr: std::net::SocketAddr,
+    _sockets: (
+        std::net::TcpListener,
+        std::net::TcpStream,
+        std::net::TcpStream,
+    ),
+}
+
+impl RefusingAddress {
+    fn new() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let outgoing = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (incoming, _) = listener.accept().unwrap();
+        Self {
+            addr: outgoing.local_addr().unwrap(),
+            _sockets: (listener, outgoing, incoming),
         }
     }
 }
@@ -451,10 +491,8 @@ fn a_ring_member_whose_address_refuses_is_given_up_before_its_lease_runs_out() {
     let mut w0 = run.worker("0", "w0.log", &[]);
     // Rank 1 announces a ring address where nothing listens (its process died after it
     // registered), while its heartbeats go on.
-    let gone = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refusing = RefusingAddress::new();
+    let gone = refusing.addr;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -465,9 +503,11 @@ fn a_ring_member_whose_address_refuses_is_given_up_before_its_lease_runs_out() {
         loop {
             let log = run.read("w0.log");
             if log.contains("registering again for the next one") {
+                // Without the patience it would wait out the 120 s collective timeout (the
+                // member keeps its lease); on a quiet machine it takes about 2 s.
                 assert!(
-                    registered.elapsed() < Duration::from_secs(15),
-                    "a 2 s patience against a 20 s lease, it took {:?}",
+                    registered.elapsed() < Duration::from_secs(60),
+                    "a 2 s patience against a 120 s collective timeout, it took {:?}",
                     registered.elapsed()
                 );
                 break log;
@@ -513,10 +553,8 @@ fn a_worker_gives_up_after_20_generations_in_a_row_fail_before_their_first_step(
     let mut w0 = run.worker("0", "w0.log", &[]);
     // Rank 1 registers into every generation with a ring address where nothing listens,
     // so every generation fails while forming.
-    let gone = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refusing = RefusingAddress::new();
+    let gone = refusing.addr;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -174,7 +174,7 @@ impl TcpRing {
                         let why = std::io::Error::new(
                             ErrorKind::ConnectionRefused,
                             format!(
-                                "refused for {refused_for:.1?}: nothing listens at the address rank {next_rank} announced, so its process is gone ({e})"
+                                "refused for {refused_for:.1?}: nothing listens at the address rank {next_rank} announced, so its process is gone, or it listens elsewhere (check its --ring-listen and --advertise) ({e})"
                             ),
                         );
                         return Err(ring.io_error(what, next_rank, why));

@@ -9,7 +9,7 @@
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use ddpm_collective::nccl::{NcclComm, NcclOptions};
-use ddpm_collective::{Collective, CollectiveError, ReduceOp};
+use ddpm_collective::{AbortFlag, AbortHandle, Collective, CollectiveError, ReduceOp};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -179,6 +179,43 @@ fn a_rank_that_never_joins_fails_the_init_within_the_timeout_naming_it() {
     let id = NcclComm::unique_id().unwrap();
     let mut comm = NcclComm::init(0, 1, &id, 0, options(60)).unwrap();
     comm.barrier("after the timeout").unwrap();
+}
+
+#[test]
+fn forming_stops_when_its_abort_flag_is_set_long_before_the_timeout() {
+    let _gpu = gpu();
+    let id = NcclComm::unique_id().unwrap();
+    let flag = Arc::new(AbortFlag::default());
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            flag.abort();
+        })
+    };
+    let t0 = Instant::now();
+    let err = NcclComm::init(
+        0,
+        2,
+        &id,
+        0,
+        NcclOptions {
+            abort: Some(flag),
+            ..options(120)
+        },
+    )
+    .unwrap_err();
+    setter.join().unwrap();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(30), "took {took:?}: {err}");
+    assert!(
+        matches!(&err, CollectiveError::GroupAborted { .. }),
+        "{err}"
+    );
+    // NCCL is still usable.
+    let id = NcclComm::unique_id().unwrap();
+    let mut comm = NcclComm::init(0, 1, &id, 0, options(60)).unwrap();
+    comm.barrier("after the abort").unwrap();
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! trains on in the next one from the newest committed checkpoint.
 
 use crate::checkpoints::Checkpoints;
-use crate::client::{CoordinatorLink, Identity, JoinPatience, Joined};
+use crate::client::{CoordinatorLink, Halt, Identity, JoinPatience, Joined};
 use crate::comm::{self, RegistrationId};
 use crate::error::{chain, ensure, Context, Result, WorkerError};
 use crate::exchange::{broadcast_from_rank0, GradientExchange};
@@ -297,6 +297,11 @@ pub fn run(o: WorkerOptions) -> Result<()> {
         match generation(&o, &link, &joined, cfg, listener, &mut kept, &mut steps) {
             Ok(()) => return Ok(()),
             Err(e) if e.needs_reform() => {
+                // A collective aborted because the heartbeat gave up on the coordinator (or
+                // the run failed) is no generation to re-form: stop, saying why.
+                if let Some(Halt::Fatal(why)) = link.stop_reason() {
+                    return Err(WorkerError::Invalid(format!("{why} ({})", chain(&e))));
+                }
                 fruitless = if steps == 0 { fruitless + 1 } else { 0 };
                 if fruitless >= MAX_FRUITLESS_GENERATIONS {
                     return Err(WorkerError::Invalid(format!(
