@@ -60,18 +60,26 @@ last_step() { # train log
 
 RESULTS="$WORK/results.jsonl"
 
+last_event_step() { # the reference's event log
+    tail -n 1 "$1" 2>/dev/null | sed -n 's/.*"event": "step".*"step": \([0-9]*\)}$/\1/p'
+}
+
 # One torchrun run of the reference (plain or killed), its result appended to RESULTS.
 reference() { # kind round
     local dir="$WORK/ref-$1$2" start torchrun killed_at
     mkdir -p "$dir"
     start=$(date +%s%N)
-    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 3 --max-restarts 1 \
+    # TZ=UTC: torchrun's log lines carry the local time of day, read below as UTC.
+    TZ=UTC "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 3 --max-restarts 1 \
         --monitor-interval 0.1 bench/reference_elastic.py --ddpm-config "$WORK/plain$2.toml" \
         --unet-config "$WORK/unet.json" --total-steps "$STEPS" --checkpoint-every "$EVERY" \
         --state-dir "$dir" --events "$dir/log.jsonl" > "$dir/out.log" 2>&1 &
     torchrun=$!
     if [ "$1" = killed ]; then
-        until [ "$(python3 -c 'import json,sys; print(max([0] + [json.loads(l)["step"] for l in open(sys.argv[1]) if "\"step\":" in l]))' "$dir/log.jsonl" 2>/dev/null || echo 0)" -ge "$KILL_STEP" ]; do
+        # Polled as cheaply as ddpm's side is (no interpreter per poll): rank 0's step
+        # events are the only lines written while the first group trains.
+        until s=$(last_event_step "$dir/log.jsonl"); [ "${s:-0}" -ge "$KILL_STEP" ]; do
+            kill -0 "$torchrun" 2>/dev/null || { cat "$dir/out.log" >&2; return 1; }
             sleep 0.01
         done
         kill -9 "$(cat "$dir/pid.$KILL_RANK")"
