@@ -261,8 +261,8 @@ impl TwoSlotRun {
         }
     }
 
-    /// Registers a member that is no worker ("lost", slot 1, ring address `ring`) once
-    /// rank 0 has registered; returns its client and the coordinator's answer.
+    /// Registers [`lost_member`] once rank 0 has registered; returns its client and the
+    /// coordinator's answer.
     async fn register_lost_member(
         &self,
         ring: std::net::SocketAddr,
@@ -284,21 +284,7 @@ impl TwoSlotRun {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let r = c
-            .register(v1::RegisterRequest {
-                protocol_version: ddpm_proto::PROTOCOL_VERSION,
-                role: v1::Role::Worker.into(),
-                requested_rank: Some(1),
-                host: "lost-host".into(),
-                device: "cpu".into(),
-                member_id: "lost".into(),
-                ring_address: ring.to_string(),
-                nccl_unique_id: Vec::new(),
-                failed_generation: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = c.register(lost_member(ring)).await.unwrap().into_inner();
         assert!(r.rendezvous.is_some(), "the ring of 2 is complete: {r:?}");
         (c, r)
     }
@@ -321,6 +307,28 @@ impl Drop for TwoSlotRun {
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
     }
+}
+
+/// The registration of a member that is no worker: "lost", slot 1, ring address `ring`.
+fn lost_member(ring: std::net::SocketAddr) -> ddpm_proto::v1::RegisterRequest {
+    ddpm_proto::v1::RegisterRequest {
+        protocol_version: ddpm_proto::PROTOCOL_VERSION,
+        role: ddpm_proto::v1::Role::Worker.into(),
+        requested_rank: Some(1),
+        host: "lost-host".into(),
+        device: "cpu".into(),
+        member_id: "lost".into(),
+        ring_address: ring.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A runtime for a test's gRPC client.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// An address on 127.0.0.1 that refuses connections and that no other socket can take
@@ -431,10 +439,7 @@ fn a_worker_lost_while_the_ring_forms_does_not_hold_the_others_for_the_collectiv
     // connected to it): it never connects to rank 0, nor heartbeats again.
     let dead_ring = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     dead_ring.set_nonblocking(true).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = client_runtime();
     let (_from_rank0, died) = rt.block_on(async {
         let (mut c, r) = run
             .register_lost_member(dead_ring.local_addr().unwrap())
@@ -493,10 +498,7 @@ fn a_ring_member_whose_address_refuses_is_given_up_before_its_lease_runs_out() {
     // registered), while its heartbeats go on.
     let refusing = RefusingAddress::new();
     let gone = refusing.addr;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = client_runtime();
     let log = rt.block_on(async {
         let (mut c, r) = run.register_lost_member(gone).await;
         let registered = Instant::now();
@@ -555,10 +557,7 @@ fn a_worker_gives_up_after_20_generations_in_a_row_fail_before_their_first_step(
     // so every generation fails while forming.
     let refusing = RefusingAddress::new();
     let gone = refusing.addr;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = client_runtime();
     let started = Instant::now();
     let status = rt.block_on(async {
         let (mut c, mut r) = run.register_lost_member(gone).await;
@@ -580,17 +579,7 @@ fn a_worker_gives_up_after_20_generations_in_a_row_fail_before_their_first_step(
                 .await;
             if beat.is_err() || r.rendezvous.is_none() {
                 // A new generation (or this one still gathering): register into it.
-                let join = v1::RegisterRequest {
-                    protocol_version: ddpm_proto::PROTOCOL_VERSION,
-                    role: v1::Role::Worker.into(),
-                    requested_rank: Some(1),
-                    host: "lost-host".into(),
-                    device: "cpu".into(),
-                    member_id: "lost".into(),
-                    ring_address: gone.to_string(),
-                    ..Default::default()
-                };
-                if let Ok(answer) = c.register(join).await {
+                if let Ok(answer) = c.register(lost_member(gone)).await {
                     r = answer.into_inner();
                 }
             }
