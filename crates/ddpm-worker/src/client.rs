@@ -66,6 +66,16 @@ pub enum Halt {
     Fatal(String),
 }
 
+impl Halt {
+    /// The error that ends what was going on (`context` says what): a re-form, or a stop.
+    pub fn into_error(self, context: &str) -> WorkerError {
+        match self {
+            Halt::Reform(why) => WorkerError::Reform(format!("{context}: {why}")),
+            Halt::Fatal(why) => WorkerError::Invalid(format!("{context}: {why}")),
+        }
+    }
+}
+
 /// How the registration loop waits.
 #[derive(Debug, Clone, Copy)]
 pub struct JoinPatience {
@@ -445,18 +455,8 @@ impl CoordinatorLink {
             if self.finished.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            match self.stop_reason() {
-                Some(Halt::Reform(why)) => {
-                    return Err(WorkerError::Reform(format!(
-                        "waiting for the other ranks' final reports: {why}"
-                    )))
-                }
-                Some(Halt::Fatal(why)) => {
-                    return Err(WorkerError::Invalid(format!(
-                        "waiting for the other ranks' final reports: {why}"
-                    )))
-                }
-                None => {}
+            if let Some(halt) = self.stop_reason() {
+                return Err(halt.into_error("waiting for the other ranks' final reports"));
             }
             if started.elapsed() > patience {
                 return Err(WorkerError::Invalid(format!(

@@ -322,8 +322,8 @@ pub fn run(o: WorkerOptions) -> Result<()> {
     }
 }
 
-/// One generation (`cfg`: the config its coordinator handed out): restore, form the ring, train to the end (Ok), or fail; `steps` counts
-/// the steps it completed.
+/// One generation (`cfg`: the config its coordinator handed out): restore, form the ring,
+/// train to the end (Ok), or fail; `steps` counts the steps it completed.
 fn generation(
     o: &WorkerOptions,
     link: &CoordinatorLink,

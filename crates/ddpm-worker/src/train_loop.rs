@@ -247,15 +247,7 @@ pub fn train(
         let _in_step = step_span.enter();
         let step_start = Instant::now();
         if let Some(halt) = observer.stop_reason() {
-            let before = format!("rank {rank} stopped before step {}", done + 1);
-            return Err(match halt {
-                crate::client::Halt::Reform(why) => {
-                    crate::WorkerError::Reform(format!("{before}: {why}"))
-                }
-                crate::client::Halt::Fatal(why) => {
-                    crate::WorkerError::Invalid(format!("{before}: {why}"))
-                }
-            });
+            return Err(halt.into_error(&format!("rank {rank} stopped before step {}", done + 1)));
         }
         let b = loader.next_batch()?;
         cursor = b.cursor.clone();
